@@ -36,7 +36,7 @@ def sd15_unet_config(**overrides) -> dict:
         "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
         "transformer_depth_middle": 1, "context_dim": 768, "use_spatial_transformer": True,
         "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
-        "num_heads": 4, "num_head_channels": -1, "attention_resolutions": [1, 2], "image_size": 32,
+        "num_heads": 4, "num_head_channels": -1, "image_size": 32,
     }
     config.update(overrides)
     return config
@@ -53,11 +53,11 @@ def tiny_model(kind: str = "sd15", seed: int = 0, dtype=torch.float32):
         config_cls, unet = comfy.supported_models.SD15, sd15_unet_config()
     elif kind == "sd21":
         config_cls = comfy.supported_models.SD20
-        unet = sd15_unet_config(context_dim=1024, use_linear_in_transformer=True, num_head_channels=16, num_heads=-1)
+        unet = sd15_unet_config(model_channels=64, context_dim=1024, use_linear_in_transformer=True, num_head_channels=64, num_heads=-1)
     elif kind == "sdxl":
         config_cls = comfy.supported_models.SDXL
-        unet = sd15_unet_config(context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
-                                num_head_channels=16, num_heads=-1)
+        unet = sd15_unet_config(model_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                                num_head_channels=64, num_heads=-1)
     else:
         raise ValueError(kind)
     model_config = config_cls(unet)

@@ -1,0 +1,167 @@
+"""Segmentation-free guidance (Azarian, Das, Hou, Porikli, CVPR 2024 workshop, arXiv 2407.04800).
+
+Plain torch; nothing here knows ComfyUI. Equation numbers are the paper's (see
+../shared/ALGORITHMS.md section 1, which recovers the formulas stripped from our copy).
+
+* Eq. 9, the local semantic of patch p in a cross-attention module:
+      s(p) = argmax_{i != BOS} A[p, i]
+* The modified pass ε̄(z, c): in every cross-attention module the post-softmax weight of s(p)
+  is multiplied by -a (a = `segfree_scale`), the other weights are left as they are and are
+  not renormalised:  A'[p, s(p)] = -a · A[p, s(p)],  out_p = Σ_j A'[p, j] V_j.
+* Eq. 11, the guided score:  ε̂ = ε(z, c) + w̄ (ε(z, c) − ε̄(z, c))   (`segfree_cfg` = w̄).
+
+Choices the paper leaves open, made here and exposed to the user:
+* the argmax over the head-averaged weights (one word per patch, every head edited) or per head;
+* tokens of one word (a word the tokenizer splits, "maltese" -> "mal", "tese") are edited
+  together when a word map is known: the argmax picks a token, its whole word is scaled;
+* end-of-text and padding tokens are candidates only when asked (SD1.x pads with repeated
+  end tokens, which often win the argmax while carrying no single word's meaning).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenMap:
+    """What the attention edit needs to know about the prompt's key positions.
+
+    candidates: (L,) bool, positions that may be a patch's most-attended token (BOS never).
+    words:      (L,) long, a word index per position (0 for specials); positions sharing a
+                positive index are scaled together.
+    """
+    candidates: torch.Tensor
+    words: torch.Tensor
+
+    def fit(self, length: int, device) -> "TokenMap":
+        """Match a context length: ComfyUI repeats a shorter context when it batches prompts of
+        different lengths together, so the map is repeated the same way."""
+        n = self.candidates.shape[0]
+        if n != length:
+            if length % n:
+                raise ValueError(f"token map of length {n} does not fit a context of length {length}")
+            reps = length // n
+            return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device))
+        return TokenMap(self.candidates.to(device), self.words.to(device))
+
+
+def default_token_map(length: int, chunk: int = 77) -> TokenMap:
+    """Without the prompt's tokens: every position but the BOS of each 77-token chunk."""
+    candidates = torch.ones(length, dtype=torch.bool)
+    candidates[::chunk] = False
+    return TokenMap(candidates, torch.zeros(length, dtype=torch.long))
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ / √d) per head, in float32. q: (B, N, H·D), k: (B, L, H·D) -> (B, H, N, L)."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(b, -1, heads, d).transpose(1, 2).float()
+    return torch.softmax(qh @ kh.transpose(-1, -2) * (1.0 / math.sqrt(d)), dim=-1)
+
+
+def apply_weights(weights: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Σ_j A[p, j] V_j per head. weights: (B, H, N, L), v: (B, L, H·D) -> (B, N, H·D) in v's dtype."""
+    b, l, inner = v.shape
+    vh = v.reshape(b, l, heads, inner // heads).transpose(1, 2).float()
+    out = weights @ vh
+    return out.transpose(1, 2).reshape(b, -1, inner).to(v.dtype)
+
+
+def most_attended(weights: torch.Tensor, token_map: TokenMap, per_head: bool) -> torch.Tensor:
+    """Eq. 9: s(p) among the candidate tokens. weights (B, H, N, L) -> (B, H or 1, N) indices."""
+    scores = weights if per_head else weights.mean(dim=1, keepdim=True)
+    scores = scores.masked_fill(~token_map.candidates.view(1, 1, 1, -1), float("-inf"))
+    return scores.argmax(dim=-1)
+
+
+def selected_positions(index: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
+    """(B, H', N) argmax indices -> (B, H', N, L) bool: the argmax token and the rest of its word."""
+    length = token_map.words.shape[0]
+    chosen = torch.nn.functional.one_hot(index, length).bool()
+    word = token_map.words[index]  # (B, H', N)
+    same_word = (token_map.words.view(1, 1, 1, -1) == word.unsqueeze(-1)) & (word.unsqueeze(-1) > 0)
+    return chosen | same_word
+
+
+def segfree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, segfree_scale: float,
+                      token_map: TokenMap, per_head: bool = False) -> torch.Tensor:
+    """The modified cross-attention of the ε̄ pass: weight of s(p) (and its word) times -a."""
+    weights = attention_weights(q, k, heads)
+    selected = selected_positions(most_attended(weights, token_map, per_head), token_map)
+    factor = torch.where(selected, torch.tensor(-float(segfree_scale), device=weights.device),
+                         torch.tensor(1.0, device=weights.device))
+    return apply_weights(weights * factor, v, heads)
+
+
+def segfree_combine(cond: torch.Tensor, modified: torch.Tensor, segfree_cfg: float) -> torch.Tensor:
+    """Eq. 11: ε + w̄ (ε − ε̄). Linear, so it holds for noise and for denoised predictions alike."""
+    return cond + segfree_cfg * (cond - modified)
+
+
+# ---------------------------------------------------------------------------------------------
+# The implied segmentation (what MC_SegmentationMap shows)
+
+def accumulate_word_scores(weights: torch.Tensor, token_map: TokenMap, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Head-averaged attention summed per word, upsampled to the latent grid.
+
+    weights (B, H, N, L) of one module whose N patches tile the latent at a lower resolution.
+    Returns (B, W, h, w) where W = number of words + 1; index 0 gathers the candidate tokens
+    that belong to no word (end/padding), so the per-word channels start at 1."""
+    b, _, n, _ = weights.shape
+    lat_h, lat_w = latent_hw
+    factor = math.sqrt(lat_h * lat_w / n)
+    grid_h, grid_w = max(1, round(lat_h / factor)), max(1, round(lat_w / factor))
+    mean = weights.mean(dim=1)  # (B, N, L)
+    words = token_map.words.clone()
+    words[~token_map.candidates] = -1
+    n_words = int(words.max().item()) + 1 if words.numel() else 1
+    per_word = torch.zeros(b, n, max(n_words, 1), device=weights.device)
+    keep = words >= 0
+    per_word.index_add_(2, words[keep], mean[..., keep])
+    per_word = per_word.transpose(1, 2).reshape(b, -1, grid_h, grid_w)
+    return torch.nn.functional.interpolate(per_word, size=(lat_h, lat_w), mode="bilinear", align_corners=False)
+
+
+def segmentation_from_scores(word_scores: torch.Tensor) -> torch.Tensor:
+    """(B, W, h, w) per-word attention sums -> (B, h, w) word index of the most-attended word
+    (eq. 9 aggregated over modules and steps); channel 0 (no word) never wins unless it is
+    the only one."""
+    scores = word_scores.clone()
+    if scores.shape[1] > 1:
+        scores[:, 0] = float("-inf")
+    return scores.argmax(dim=1)
+
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180)]
+
+
+def render_segmentation(labels: torch.Tensor, words: list[str], size: tuple[int, int], legend_height: int = 0):
+    """Colour each pixel by its word and draw a legend strip under the map.
+
+    labels (h, w) word indices (1-based; 0 = end/padding); size (H, W) output pixels.
+    Returns a float tensor (H + legend, W, 3) in [0, 1]."""
+    import numpy
+    from PIL import Image, ImageDraw
+
+    height, width = size
+    up = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+    colours = torch.tensor([(90, 90, 90)] + PALETTE * (1 + len(words) // len(PALETTE)), dtype=torch.uint8)
+    picture = colours[up.clamp(max=colours.shape[0] - 1)]
+    if legend_height <= 0:
+        legend_height = 14 * ((len(words) + 1 + 2) // 3) + 6
+    canvas = Image.new("RGB", (width, height + legend_height), (255, 255, 255))
+    canvas.paste(Image.fromarray(picture.numpy()), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    column = max(width // 3, 1)
+    for i, word in enumerate(["(end/pad)"] + list(words)):
+        x, y = (i % 3) * column + 4, height + 4 + (i // 3) * 14
+        draw.rectangle([x, y + 2, x + 8, y + 10], fill=tuple(int(c) for c in colours[i]))
+        draw.text((x + 12, y), word, fill=(0, 0, 0))
+    return torch.from_numpy(numpy.array(canvas)).float() / 255.0
