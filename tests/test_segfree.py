@@ -321,7 +321,7 @@ def test_segmentation_map(nodes_sf, tiny_sd15, tiny_clip, artifacts):
                                    samples=latent, start_percent=0.2, end_percent=0.8, probes=3, seed=1)
     words = words.split("\n")
     assert words == ["a", "red", "circle", "and", "a", "blue", "square"]
-    assert image.shape[0] == 2 and image.shape[2] == 96 and image.shape[1] > 64 and image.shape[3] == 3
+    assert image.shape[0] == 2 and image.shape[2] == 96 * 4 and image.shape[1] > 64 * 4 and image.shape[3] == 3
     assert masks.shape == (2 * len(words), 64, 96)
     per_image = masks.view(2, len(words), 64, 96).sum(1)
     assert torch.equal(per_image, torch.ones_like(per_image))  # every pixel belongs to exactly one word

@@ -142,26 +142,27 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180)]
 
 
-def render_segmentation(labels: torch.Tensor, words: list[str], size: tuple[int, int], legend_height: int = 0):
+def render_segmentation(labels: torch.Tensor, words: list[str], size: tuple[int, int], min_width: int = 384):
     """Colour each pixel by its word and draw a legend strip under the map.
 
-    labels (h, w) word indices (1-based; 0 = end/padding); size (H, W) output pixels.
-    Returns a float tensor (H + legend, W, 3) in [0, 1]."""
+    labels (h, w) word indices (1-based; 0 = end/padding); size (H, W) pixels of the image the
+    latent decodes to. Small images are enlarged (nearest) to `min_width` so the legend is
+    readable. Returns a float tensor (rows, columns, 3) in [0, 1]."""
     import numpy
     from PIL import Image, ImageDraw
 
-    height, width = size
+    scale = max(1, -(-min_width // size[1]))
+    height, width = size[0] * scale, size[1] * scale
     up = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
     colours = torch.tensor([(90, 90, 90)] + PALETTE * (1 + len(words) // len(PALETTE)), dtype=torch.uint8)
     picture = colours[up.clamp(max=colours.shape[0] - 1)]
-    if legend_height <= 0:
-        legend_height = 14 * ((len(words) + 1 + 2) // 3) + 6
-    canvas = Image.new("RGB", (width, height + legend_height), (255, 255, 255))
+    columns = max(1, width // 128)
+    entries = ["(end/pad)"] + list(words)
+    canvas = Image.new("RGB", (width, height + 16 * (-(-len(entries) // columns)) + 6), (255, 255, 255))
     canvas.paste(Image.fromarray(picture.numpy()), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    column = max(width // 3, 1)
-    for i, word in enumerate(["(end/pad)"] + list(words)):
-        x, y = (i % 3) * column + 4, height + 4 + (i // 3) * 14
-        draw.rectangle([x, y + 2, x + 8, y + 10], fill=tuple(int(c) for c in colours[i]))
-        draw.text((x + 12, y), word, fill=(0, 0, 0))
+    for i, word in enumerate(entries):
+        x, y = (i % columns) * (width // columns) + 4, height + 4 + (i // columns) * 16
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(c) for c in colours[i]))
+        draw.text((x + 15, y + 1), f"{i}: {word}" if i else word, fill=(0, 0, 0))
     return torch.from_numpy(numpy.array(canvas)).float() / 255.0
