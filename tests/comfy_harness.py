@@ -51,6 +51,11 @@ comfy.cli_args.args.disable_auto_launch = True
 
 import folder_paths  # noqa: E402,F401  (reads base_directory now)
 
+# ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, after which `utils` would resolve to
+# comfy/utils.py instead of ComfyUI's utils/ package (the server and frontend manager need the
+# package). main.py imports the server first; import that package now, as it does.
+import utils.install_util  # noqa: E402,F401
+
 
 def pytest_report_header(config):
     import comfyui_version

@@ -327,3 +327,36 @@ def test_segmentation_map(nodes_sf, tiny_sd15, tiny_clip, artifacts):
     assert torch.equal(per_image, torch.ones_like(per_image))  # every pixel belongs to exactly one word
     from PIL import Image
     Image.fromarray((image[0].numpy() * 255).astype("uint8")).save(artifacts / "segmentation_map.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# The workflows, through ComfyUI's own executor in this process
+
+@pytest.mark.parametrize("name", ["segfree_ksampler", "segfree_guider", "segfree_vs_cfg", "segfree_segmentation_map"])
+def test_workflow_runs_in_executor(run_prompt, name):
+    import json
+
+    import folder_paths
+    import numpy
+    from PIL import Image
+
+    import comfy_harness
+
+    prompt = json.loads((comfy_harness.PACK_DIR / "workflows" / "src" / f"{name}.api.json").read_text())
+    outputs = run_prompt(prompt)
+    saved = [img for out in outputs.values() for img in out.get("images", [])]
+    assert saved, outputs
+    pictures = [numpy.asarray(Image.open(pathlib_join(folder_paths.get_output_directory(), i["subfolder"], i["filename"])))
+                for i in saved]
+    assert all(p.std() > 0 for p in pictures)
+    if name == "segfree_vs_cfg":
+        assert len(pictures) == 4  # four seeds, each CFG on top and SFG below, 8 px apart
+        for stitched in pictures:
+            top, bottom = stitched[: stitched.shape[0] // 2 - 4], stitched[stitched.shape[0] // 2 + 4:]
+            assert top.shape == bottom.shape and numpy.abs(top.astype(float) - bottom.astype(float)).mean() > 0
+
+
+def pathlib_join(*parts):
+    import os
+
+    return os.path.join(*parts)
