@@ -150,27 +150,34 @@ def follow(server, ws, prompt_id: str, progress: Progress, timeout: float) -> No
     import websocket
 
     deadline = time.time() + timeout
+    finished_at = None  # when /history said it is done (its messages may still be in flight)
     while time.time() < deadline:
         try:
             raw = ws.recv()
         except websocket.WebSocketTimeoutException:
+            if finished_at is not None:
+                return
             if server.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {server.proc.returncode}; log:\n{server.log_tail()}")
-            # The websocket may miss the end (a reconnect): the history is the record.
+            # The history is the record: the websocket may have missed the end (the worker thread
+            # writes the history before the server's event loop has sent the last messages).
             entry = server.get(f"/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
-                return
+                finished_at = time.time()
             continue
+        except (websocket.WebSocketConnectionClosedException, OSError):
+            server.wait_history(prompt_id, timeout=max(1.0, deadline - time.time()), check=False)
+            return
         if not isinstance(raw, str):
             continue  # binary frames: latent previews
         msg = json.loads(raw)
         data = msg.get("data") or {}
+        if os.environ.get("MC_DEBUG_WS"):
+            print("ws:", raw[:300], flush=True)
         if data.get("prompt_id") not in (None, prompt_id):
             continue
         progress.handle(msg.get("type", ""), data)
         if msg.get("type") in ("execution_success", "execution_error", "execution_interrupted"):
-            return
-        if msg.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
             return
     raise TimeoutError(f"the workflow did not finish in {timeout} s")
 
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
         finally:
             ws.close()
         entry = server.wait_history(prompt_id, timeout=60, check=False)
+        log(f"status: {entry['status']['status_str']}")
         if entry["status"]["status_str"] != "success":
             raise RuntimeError(f"the workflow failed: {format_status_messages(entry['status']['messages'])}")
         written = []

@@ -8,11 +8,8 @@ import asyncio
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -109,81 +106,66 @@ def run_prompt(executor):
 
 
 # ---------------------------------------------------------------------------------------------
-# The real server, started as a user would start it, on a free loopback port.
+# The real server, started as a user would start it, on a free loopback port, stopped by its PID
+# (scripts/comfy_server.py, shared with the main job), and the real frontend in headless chromium
+# (scripts/comfy_browser.py).
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.append(str(comfy_harness.PACK_DIR / "scripts"))  # appended: ComfyUI's modules stay first
+import comfy_server as _comfy_server  # noqa: E402
+
+free_port = _comfy_server.free_port
+WORKFLOWS_DIR = comfy_harness.PACK_DIR / "workflows"
 
 
-class ComfyServer:
+class ComfyServer(_comfy_server.ComfyServer):
+    """`main.py --cpu` of the ComfyUI on the tests' sys.path, run by this Python."""
+
     def __init__(self, base: pathlib.Path, log_path: pathlib.Path):
-        self.base = base
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc = None
-
-    def start(self, timeout: float = 180.0):
-        cmd = [sys.executable, str(comfy_harness.COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
-               "--base-directory", str(self.base)]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfy_harness.COMFY_DIR, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; log: {self.log_path.read_text()[-3000:]}")
-            try:
-                self.get("/system_stats")
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI did not answer in {timeout} s; log: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self.proc:
-            self.log.close()
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: dict):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode()[:3000]}") from None
-
-    def run_api_prompt(self, prompt: dict, timeout: float = 600.0) -> dict:
-        """POST /prompt, then poll /history until it finishes; returns the history entry."""
-        prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"]["status_str"] != "success":
-                    raise AssertionError(f"workflow failed: {entry['status']['messages']}")
-                return entry
-            time.sleep(0.3)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+        super().__init__(base, log_path, comfy_dir=comfy_harness.COMFY_DIR, python=sys.executable)
 
 
 @pytest.fixture(scope="session")
 def comfy_server(artifacts):
     base = comfy_harness.make_base_directory(pathlib.Path(comfy_harness.BASE_DIR.parent / (comfy_harness.BASE_DIR.name + "-server")))
+    t0 = time.time()
     server = ComfyServer(base, artifacts / "comfyui-server.log").start()
-    print(f"\nComfyUI server at {server.url} (pid {server.proc.pid}), log {server.log_path}")
+    print(f"\nComfyUI server at {server.url} (pid {server.proc.pid}) started in {time.time() - t0:.1f} s, "
+          f"log {server.log_path}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_page(comfy_server):
+    """The ComfyUI page of `comfy_server` in Debian's headless chromium. Fails (never skips) when
+    chromium is missing: scripts/setup_comfyui.sh installs it when run as root."""
+    import comfy_browser
+
+    try:
+        comfy_browser.find_chromium()
+    except comfy_browser.ChromiumMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    t0 = time.time()
+    page = comfy_browser.ComfyPage(comfy_server.url).open()
+    print(f"\nComfyUI page open in headless chromium in {time.time() - t0:.1f} s")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="session")
+def run_workflow_file(comfy_server, comfy_page):
+    """Run a UI-format file of workflows/ through the real server: the frontend converts it to the API
+    format (what its Run button posts), POST /prompt, /history. Returns (api prompt, history entry,
+    [(node id, image record, PNG bytes)])."""
+
+    def run(path: pathlib.Path | str, timeout: float = 600.0):
+        path = pathlib.Path(path)
+        if not path.is_absolute():
+            path = WORKFLOWS_DIR / path
+        workflow = json.loads(path.read_text())
+        comfy_page.load_workflow(workflow, path.stem)
+        converted = comfy_page.graph_to_prompt()
+        entry = comfy_server.run_api_prompt(converted["output"], timeout=timeout, workflow=converted["workflow"])
+        return converted["output"], entry, comfy_server.output_images(entry)
+
+    return run

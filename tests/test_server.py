@@ -1,0 +1,114 @@
+"""Every shared workflow (workflows/*.json, ComfyUI's UI format) runs through the real ComfyUI server.
+
+The real frontend converts each file to the API format (as its Run button does), the server
+runs it (POST /prompt, /history), and the images it saved are fetched through /view and checked.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import pytest
+from PIL import Image
+
+import comfy_harness
+
+WORKFLOWS = comfy_harness.PACK_DIR / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
+SIZE_SOURCES = {"EmptyLatentImage": 8, "EmptyImage": 1}  # class -> pixels per width/height unit
+
+
+def upstream(api: dict, node_id: str) -> set[str]:
+    seen, todo = set(), [node_id]
+    while todo:
+        nid = todo.pop()
+        for value in api[nid]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in api and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                todo.append(str(value[0]))
+    return seen
+
+
+def expected_sizes(api: dict, node_id: str) -> set[tuple[int, int]]:
+    """(width, height) of the empty images/latents an output node is made from (empty when unknown)."""
+    sizes = set()
+    for nid in upstream(api, node_id):
+        node = api[nid]
+        if node["class_type"] in SIZE_SOURCES:
+            w, h = node["inputs"]["width"], node["inputs"]["height"]
+            if isinstance(w, int) and isinstance(h, int):
+                sizes.add((w // 8 * 8, h // 8 * 8) if node["class_type"] == "EmptyLatentImage" else (w, h))
+    return sizes
+
+
+def expected_batch(api: dict, node_id: str) -> int | None:
+    batches = {api[n]["inputs"].get("batch_size") for n in upstream(api, node_id)
+               if api[n]["class_type"] in SIZE_SOURCES}
+    return batches.pop() if len(batches) == 1 and all(isinstance(b, int) for b in batches) else None
+
+
+def test_workflows_folder_is_complete():
+    assert WORKFLOW_FILES, f"no workflows in {WORKFLOWS}"
+    for path in WORKFLOW_FILES:
+        workflow = json.loads(path.read_text())
+        assert "nodes" in workflow and "links" in workflow, f"{path.name} is not in ComfyUI's UI format"
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail {path.with_suffix('.jpg').name}"
+        assert Image.open(path.with_suffix(".jpg")).format == "JPEG"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_workflow_runs_in_the_server(path: pathlib.Path, run_workflow_file, comfy_server, artifacts):
+    api, entry, images = run_workflow_file(path)
+    assert entry["status"]["status_str"] == "success"
+    print(f"\n{path.name}: {len(api)} nodes ran in the server; images: {[i[1]['filename'] for i in images]}")
+
+    # The UI file is what its API source says (scripts/build_workflows.py keeps them in step).
+    source = WORKFLOWS / "src" / f"{path.stem}.api.json"
+    if source.exists():
+        src = json.loads(source.read_text())
+        assert {k: (v["class_type"], v["inputs"]) for k, v in api.items()} == \
+               {k: (v["class_type"], v["inputs"]) for k, v in src.items()}, \
+            f"{path.name} no longer matches {source.name}: rebuild with scripts/build_workflows.py {path.stem}"
+
+    save_nodes = [nid for nid, node in api.items() if node["class_type"] == "SaveImage"]
+    assert save_nodes, f"{path.name} saves no image"
+    for nid in save_nodes:
+        mine = [(record, data) for node_id, record, data in images if node_id == nid]
+        batch = expected_batch(api, nid)
+        assert mine and (batch is None or len(mine) == batch), \
+            f"SaveImage #{nid} saved {len(mine)} images, expected {batch}"
+        sizes = expected_sizes(api, nid)
+        for record, data in mine:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            assert image.format == "PNG" and image.mode == "RGB"
+            if sizes:
+                assert image.size in sizes, f"{record['filename']}: {image.size}, expected one of {sizes}"
+            # SaveImage embeds the API prompt and the UI workflow the frontend sent.
+            assert json.loads(image.info["prompt"]) == api
+            assert "nodes" in json.loads(image.info["workflow"])
+            extrema = image.getextrema()
+            assert all(lo <= hi for lo, hi in extrema)
+            (artifacts / f"server-{path.stem}-{record['filename']}").write_bytes(data)
+
+
+def test_core_smoke_pixels(run_workflow_file):
+    """The core-nodes workflow computes what it says: an inverted solid colour."""
+    api, entry, images = run_workflow_file("core_smoke.json")
+    colour = api["1"]["inputs"]["color"]
+    rgb = ((colour >> 16) & 255, (colour >> 8) & 255, colour & 255)
+    image = Image.open(io.BytesIO(images[0][2])).convert("RGB")
+    assert image.size == (api["1"]["inputs"]["width"], api["1"]["inputs"]["height"])
+    expected = tuple(255 - c for c in rgb)
+    # SaveImage truncates 255 * x to uint8: float32 rounding may land one below
+    for pixel in set(image.getdata()):
+        assert all(0 <= e - p <= 1 for p, e in zip(pixel, expected)), f"{pixel} != inverted colour {expected}"
+
+
+def test_server_reports_a_broken_workflow(comfy_server):
+    """The harness fails loudly: an invalid prompt is refused with ComfyUI's own node error."""
+    broken = {"1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "broken"}}}
+    with pytest.raises(AssertionError, match="POST /prompt -> 400.*width"):
+        comfy_server.run_api_prompt(broken)
