@@ -97,6 +97,8 @@ def background(style: str, rng: np.random.Generator, size: int = SIZE) -> np.nda
     """A float HxWx3 image in [0, 1] of the given style."""
     dark = style == "plain" and rng.random() < 0.25
     a, b = _pale(rng, dark), _pale(rng)
+    if np.abs(a - b).mean() < 0.12:  # textures need visible contrast: darken or lighten b
+        b = np.clip(b * (0.72 if b.max() > 0.8 else 1.3), 0.0, 1.0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     if style == "plain":
         t = np.zeros((size, size))

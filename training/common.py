@@ -1,0 +1,202 @@
+"""Shared parts of the training commands: arguments, progress, loss curve (pillow), records.
+
+Every command stops at `--steps` or after `--minutes` (whichever comes first), prints progress,
+saves a checkpoint every `--save-every-minutes` (so an interrupted run still leaves weights),
+draws the loss curve as a PNG and writes a JSON record (command, seed, time, final loss)
+beside the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import comfy_env
+
+DEFAULT_OUT = comfy_env.PACK_DIR / "models" / "shapes_world"
+
+
+def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for weights, record and loss curve")
+    p.add_argument("--steps", type=int, default=steps, help="optimiser steps (upper bound)")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget; 0 = no limit")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every-minutes", type=float, default=5.0)
+    p.add_argument("--tiny", action="store_true", help="a tiny setting for tests (few steps, small batches)")
+    return p
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """Progress, loss history, time budget and the record of one training run."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name, self.args = name, args
+        self.out = pathlib.Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        seed_everything(args.seed)
+        self.device = comfy_env.device()
+        self.start = time.time()
+        self.losses: list[tuple[int, float]] = []
+        self.extra: dict = {}
+        self.last_save = time.time()
+        self.step = 0
+        print(f"[{name}] device {self.device}, torch threads {torch.get_num_threads()}, "
+              f"steps <= {args.steps}, budget {args.minutes or 'none'} min, out {self.out}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def done(self) -> bool:
+        return self.step >= self.args.steps or (self.args.minutes > 0 and self.elapsed() >= self.args.minutes * 60)
+
+    def log(self, loss: float, **more):
+        self.step += 1
+        self.losses.append((self.step, float(loss)))
+        if self.step == 1 or self.step % self.args.log_every == 0 or self.done():
+            recent = [v for _, v in self.losses[-self.args.log_every:]]
+            rate = self.step / max(self.elapsed(), 1e-6)
+            left_steps = self.args.steps - self.step
+            eta = left_steps / rate
+            if self.args.minutes > 0:
+                eta = min(eta, self.args.minutes * 60 - self.elapsed())
+            extras = " ".join(f"{k} {v:.4g}" for k, v in more.items())
+            print(f"[{self.name}] step {self.step}/{self.args.steps} loss {np.mean(recent):.5f} {extras} "
+                  f"{rate:.2f} it/s elapsed {self.elapsed() / 60:.1f} min eta {max(eta, 0) / 60:.1f} min", flush=True)
+
+    def should_save(self) -> bool:
+        if time.time() - self.last_save >= self.args.save_every_minutes * 60:
+            self.last_save = time.time()
+            return True
+        return False
+
+    def final_loss(self, window: int = 50) -> float:
+        vals = [v for _, v in self.losses[-window:]]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def record(self, weights_file: str, **fields) -> dict:
+        """Write <weights>.json and <weights>_loss.png beside the weights."""
+        stem = pathlib.Path(weights_file).stem
+        rec = {
+            "model": self.name,
+            "weights": weights_file,
+            "command": " ".join([os.path.basename(sys.executable), "-m", f"training.train_{self.name}"] + sys.argv[1:]),
+            "seed": self.args.seed,
+            "steps": self.step,
+            "batch": self.args.batch,
+            "lr": self.args.lr,
+            "train_seconds": round(self.elapsed(), 1),
+            "final_loss": self.final_loss(),
+            "final_loss_window": min(50, len(self.losses)),
+            "first_loss": self.losses[0][1] if self.losses else None,
+            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "torch": torch.__version__,
+            "loss_curve": f"{stem}_loss.png",
+        }
+        rec.update(self.extra)
+        rec.update(fields)
+        (self.out / f"{stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
+        save_loss_curve(self.losses, self.out / f"{stem}_loss.png", title=f"{self.name}: loss per step")
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curve with pillow only (matplotlib is not a dependency).
+
+def save_loss_curve(losses: list[tuple[int, float]], path: pathlib.Path, title: str = "loss",
+                    size: tuple[int, int] = (720, 420)):
+    """Raw loss (light) and its moving average (dark) against step, log-scaled y axis."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    left, right, top, bottom = 70, 20, 36, 44
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 10), title, fill="black")
+    if not losses:
+        img.save(path)
+        return
+    steps = np.array([s for s, _ in losses], dtype=np.float64)
+    vals = np.array([max(v, 1e-12) for _, v in losses], dtype=np.float64)
+    k = max(1, len(vals) // 50)
+    smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+    smooth_steps = steps[k - 1:]
+    ly = np.log10(vals)
+    lo, hi = float(np.floor(ly.min() * 4) / 4), float(np.ceil(ly.max() * 4) / 4)
+    if hi - lo < 0.25:
+        hi = lo + 0.25
+    x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
+
+    def xy(s, v):
+        x = left + (s - x0) / (x1 - x0) * (W - left - right)
+        y = top + (hi - math.log10(max(v, 1e-12))) / (hi - lo) * (H - top - bottom)
+        return x, y
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for e in np.arange(math.ceil(lo * 4) / 4, hi + 1e-9, 0.25):
+        _, y = xy(x0, 10 ** e)
+        d.line([left, y, W - right, y], fill=(225, 225, 225))
+        d.text((4, y - 6), f"{10 ** e:.3g}", fill="black")
+    for i in range(6):
+        s = x0 + (x1 - x0) * i / 5
+        x, _ = xy(s, 10 ** lo)
+        d.line([x, H - bottom, x, H - bottom + 4], fill="black")
+        d.text((x - 12, H - bottom + 8), f"{int(s)}", fill="black")
+    d.text((W // 2 - 15, H - 16), "step", fill="black")
+    if len(steps) > 1:
+        d.line([xy(s, v) for s, v in zip(steps, vals)], fill=(170, 190, 230), width=1)
+        if len(smooth) > 1:
+            d.line([xy(s, v) for s, v in zip(smooth_steps, smooth)], fill=(20, 40, 160), width=2)
+    else:
+        x, y = xy(steps[0], vals[0])
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 40, 160))
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def world_batch(world, rng: np.random.Generator, n: int, low: int = 0, high: int | None = None):
+    """n random training scenes: images as float BCHW in [0, 1] and captions."""
+    high = high or world.HELD_OUT_SEED_START
+    seeds = rng.integers(low, high, size=n)
+    images, captions = world.batch(seeds)
+    x = torch.from_numpy(images).float().div(255.0).permute(0, 3, 1, 2).contiguous()
+    return x, captions
+
+
+def save_image_grid(images_bchw_01: torch.Tensor, path: pathlib.Path, cols: int = 8):
+    from PIL import Image
+    x = (images_bchw_01.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    n, h, w, _ = x.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = x[i]
+    Image.fromarray(grid).save(path)

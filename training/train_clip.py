@@ -1,0 +1,88 @@
+"""Train the shapes-world dual encoder: open_clip.CLIP (ModifiedResNet image tower, 3-layer text
+transformer, standard CLIP BPE, 77-token context) with the symmetric contrastive (InfoNCE) loss on
+scene captions.
+
+    python -m training.train_clip --minutes 25 --out models/shapes_world
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from . import comfy_env, common
+
+
+@torch.no_grad()
+def retrieval_accuracy(wrapper, world, seeds) -> dict:
+    """Image->text and text->image top-1 accuracy among the given held-out scenes."""
+    wrapper.model.eval()
+    images, captions = world.batch(seeds)
+    fi = wrapper.encode_image(torch.from_numpy(images).float().div(255))
+    ft = wrapper.encode_text(captions)
+    sim = fi @ ft.T
+    target = torch.arange(len(seeds), device=sim.device)
+    return {"image_to_text_top1": float((sim.argmax(1) == target).float().mean()),
+            "text_to_image_top1": float((sim.argmax(0) == target).float().mean()),
+            "n": len(seeds)}
+
+
+def main(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0], steps=100000, batch=64, lr=5e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.steps, args.batch, args.warmup = min(args.steps, 3), 4, 1
+    comfy_env.setup()
+    world = importlib.import_module("mc_shapes_world.world")
+    models = importlib.import_module("mc_shapes_world.models")
+    import open_clip
+
+    run = common.Run("clip", args)
+    model = models.build_open_clip(seed=args.seed).to(run.device).train()
+    wrapper = models.ShapesWorldCLIP(model, device=run.device)
+    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embedding" not in n]
+    no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    loss_fn = open_clip.loss.ClipLoss()
+    rng = np.random.default_rng(args.seed)
+    eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 256)))
+
+    def save():
+        models.save_weights(model.state_dict(), run.out / models.CLIP_FILE, fp16=True)
+
+    while not run.done():
+        x, captions = common.world_batch(world, rng, args.batch)
+        pixels = wrapper.preprocess(x.permute(0, 2, 3, 1))
+        tokens = wrapper.tokenize(captions).to(run.device)
+        fi, ft, logit_scale = model(pixels, tokens)
+        loss = loss_fn(fi, ft, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        run.log(loss.item(), logit_scale=logit_scale.item())
+        if run.should_save():
+            save()
+            model.train()
+
+    save()
+    acc = retrieval_accuracy(wrapper, world, eval_seeds)
+    rec = run.record(models.CLIP_FILE, heldout_retrieval=acc, warmup=args.warmup,
+                     final_loss_definition=f"symmetric InfoNCE over a batch of {args.batch} (chance = ln {args.batch} "
+                                           f"= {np.log(args.batch):.3f})",
+                     stored_dtype="float16")
+    print(f"[clip] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss "
+          f"{rec['final_loss']:.4f}, held-out top-1 among {acc['n']}: image->text {acc['image_to_text_top1']:.3f}, "
+          f"text->image {acc['text_to_image_top1']:.3f}", flush=True)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
