@@ -64,7 +64,8 @@ def save_jpeg(png_bytes: bytes, path: pathlib.Path) -> None:
     image.save(path, "JPEG", quality=90)
 
 
-def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: bool) -> None:
+def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: bool,
+          screenshots: pathlib.Path | None = None) -> None:
     name = src.name[: -len(".api.json")]
     api = json.loads(src.read_text())
     t0 = time.time()
@@ -77,6 +78,10 @@ def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: b
     target.write_text(json.dumps(ui, indent=2) + "\n")
     log(f"{target.relative_to(PACK_DIR)}: {len(ui['nodes'])} nodes, {len(ui['links'])} links "
         f"({time.time() - t0:.1f} s)")
+    if screenshots is not None:
+        page.load_workflow(ui, name)
+        shot = page.screenshot(screenshots / f"{name}.png")
+        log(f"screenshot of the graph: {shot}")
     if not thumbnails:
         return
     t0 = time.time()
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="names in workflows/src (NAME for NAME.api.json); default all")
     ap.add_argument("--no-thumbnails", action="store_true", help="only write the .json files")
+    ap.add_argument("--screenshots", type=pathlib.Path, metavar="DIR",
+                    help="also save a screenshot of each graph in the ComfyUI page to DIR/NAME.png")
     args = ap.parse_args(argv)
     sources = sorted(SOURCES.glob("*.api.json"))
     if args.names:
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"ComfyUI {server.url} (pid {server.pid}); log {server.log_path}")
         with ComfyPage(server.url) as page:
             for src in sources:
-                build(page, server, src, thumbnails=not args.no_thumbnails)
+                build(page, server, src, thumbnails=not args.no_thumbnails, screenshots=args.screenshots)
             for e in page.pack_errors():
                 log(f"browser console: {e}")
     return 0

@@ -174,6 +174,8 @@ class ComfyPage:
             self.browser = self._pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
             self.page = self.browser.new_page(viewport={"width": self.viewport[0], "height": self.viewport[1]})
             self.page.set_default_timeout(self.timeout_ms)
+            # No "Nodes 2.0" banner over the canvas (the frontend keeps its dismissal in localStorage).
+            self.page.add_init_script("try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch {}")
             self.page.on("console", self._on_console)
             self.page.on("pageerror", lambda e: self.console.append(
                 ConsoleEntry("pageerror", f"{e}\n{getattr(e, 'stack', '') or ''}", "")))
@@ -286,7 +288,8 @@ class ComfyPage:
     def screenshot(self, path: str | os.PathLike, canvas_only: bool = False) -> pathlib.Path:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.evaluate("() => window.app.canvas.setDirty(true, true)")
+        # Full detail at any zoom for this page only (the LOD setting itself is left as it is).
+        self.evaluate("() => { window.app.canvas.min_font_size_for_lod = 0; window.app.canvas.setDirty(true, true); }")
         self.page.wait_for_timeout(300)  # one animation frame or two for the canvas to redraw
         target = self.page.locator("canvas#graph-canvas") if canvas_only else self.page
         target.screenshot(path=str(path), type="jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
