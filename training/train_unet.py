@@ -68,6 +68,7 @@ def main(argv=None):
     p.add_argument("--fresh", type=int, default=4, help="new scenes encoded per step")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps for the final sample grid")
+    p.add_argument("--sample-prompts", type=int, default=8, help="held-out captions sampled for the final grid")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.initial, args.fresh, args.sample_steps = min(args.steps, 2), 2, 4, 1, 1
@@ -170,7 +171,7 @@ def sample_grid(models, world, run, scale, oc, ae, args) -> dict:
     detector = importlib.import_module("mc_shapes_world.detector")
     patcher = models.build_model_patcher(scale, models.load_weights(run.out / models.UNET_FILE))
     clip = models.build_comfy_clip(oc)
-    n = 1 if args.tiny else 16
+    n = 1 if args.tiny else args.sample_prompts
     scenes = [world.generate(world.HELD_OUT_SEED_START + 500 + i, n_objects=1 + i % 2) for i in range(n)]
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     images, hits = [], 0
