@@ -202,10 +202,11 @@ class SegmapRecorder:
 
 
 def _plain_attention(q, k, v, extra_options):
-    import comfy.ldm.modules.attention as attention
+    """What CrossAttention.forward would have run (the same function, so results are bit-equal)."""
+    from comfy.ldm.modules.attention import optimized_attention
 
-    return attention.optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                                         transformer_options=extra_options)
+    return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                               transformer_options=extra_options)
 
 
 def _chunk_options(extra_options, chunks: list[int]):
@@ -216,12 +217,24 @@ def _chunk_options(extra_options, chunks: list[int]):
     return sliced
 
 
+def _rows(t: torch.Tensor, chunks: list[int], rows: int) -> torch.Tensor:
+    """The rows of some batch chunks; a view when they are contiguous (the usual [cond, uncond])."""
+    if chunks == list(range(chunks[0], chunks[-1] + 1)):
+        return t[chunks[0] * rows:(chunks[-1] + 1) * rows]
+    return torch.cat([t[i * rows:(i + 1) * rows] for i in chunks])
+
+
 def make_attn2_replacement(previous=None):
+    """The attn2 replacement: plain (or the previous replacement's) attention for ordinary chunks,
+    the segmentation-free edit for the chunk marked uncond after the switch, and a recording
+    pass for the segmentation map. Per call it only looks at two dict keys unless one is set."""
     base = previous or _plain_attention
 
     def attn2(q, k, v, extra_options):
         step: SegfreeStep | None = extra_options.get(SEGFREE_KEY)
         recorder: SegmapRecorder | None = extra_options.get(SEGMAP_KEY)
+        if step is None and recorder is None:
+            return base(q, k, v, extra_options)
         kinds = extra_options.get("cond_or_uncond", [])
         special = [i for i, kind in enumerate(kinds) if (step is not None and kind == 1) or (recorder is not None and kind == 0)]
         if not special:
@@ -232,9 +245,8 @@ def make_attn2_replacement(previous=None):
         outs = [None] * len(kinds)
         rest = [i for i in range(len(kinds)) if i not in special]
         if rest:
-            idx = torch.cat([torch.arange(i * rows, (i + 1) * rows, device=q.device) for i in rest])
-            out_rest = base(q[idx], k[idx], v[idx], _chunk_options(extra_options, rest)).chunk(len(rest))
-            for i, o in zip(rest, out_rest):
+            out_rest = base(_rows(q, rest, rows), _rows(k, rest, rows), _rows(v, rest, rows), _chunk_options(extra_options, rest))
+            for i, o in zip(rest, out_rest.split(rows)):
                 outs[i] = o
         for i in special:
             part = slice(i * rows, (i + 1) * rows)

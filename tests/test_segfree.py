@@ -297,6 +297,12 @@ def test_model_without_cross_attention_is_a_clear_error(nodes_sf, glue):
         run_node(nodes_sf.SegmentationFreeGuidance, model=bare, start_percent=0.4, **SETTINGS)
 
 
+def test_dit_family_is_refused_by_name(nodes_sf, glue):
+    flux = tiny_models.tiny_flux()
+    with pytest.raises(glue.NodeInputError, match="MC_SegmentationFreeGuidance: input 'model': Flux models use joint"):
+        run_node(nodes_sf.SegmentationFreeGuidance, model=flux, start_percent=0.4, **SETTINGS)
+
+
 def test_guider_with_sampler_custom_advanced(comfy_nodes, nodes_sf, tiny_sd15, prompts):
     import comfy_extras.nodes_custom_sampler as custom
 

@@ -127,3 +127,16 @@ def sdxl_conditioning(text_seed: int, batch: int = 1, tokens: int = 77):
     context = torch.randn(batch, tokens, 2048, generator=g)
     pooled = torch.randn(batch, 1280, generator=g)
     return [[context, {"pooled_output": pooled, "width": 64, "height": 64}]]
+
+
+def tiny_flux(seed: int = 0):
+    """A Flux-family (DiT, joint attention) ModelPatcher, small, for checks that refuse DiTs."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+              "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+    model = comfy.supported_models.Flux(config).get_model({})
+    seeded_init(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
