@@ -18,6 +18,8 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 # is logged and skipped, so one broken technique does not take the whole pack down.
 TECHNIQUE_MODULES = [
     "segfree",
+    "clip_models",
+    "blended",
     "shapes_world_loader",
 ]
 
