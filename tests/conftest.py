@@ -125,18 +125,39 @@ class ComfyServer(_comfy_server.ComfyServer):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(artifacts):
-    base = comfy_harness.make_base_directory(pathlib.Path(comfy_harness.BASE_DIR.parent / (comfy_harness.BASE_DIR.name + "-server")))
-    t0 = time.time()
-    server = ComfyServer(base, artifacts / "comfyui-server.log").start()
-    print(f"\nComfyUI server at {server.url} (pid {server.proc.pid}) started in {time.time() - t0:.1f} s, "
-          f"log {server.log_path}")
-    yield server
-    server.stop()
+def say(request):
+    """Write a line to the terminal even while pytest captures output (for CI logs: the server's
+    PID, the screenshot's path, which workflow ran)."""
+    import contextlib
+
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def write(message: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            if reporter is not None:
+                reporter.ensure_newline()
+                reporter.write_line(message)
+            else:
+                print(message)
+
+    return write
 
 
 @pytest.fixture(scope="session")
-def comfy_page(comfy_server):
+def comfy_server(artifacts, say):
+    base = comfy_harness.make_base_directory(pathlib.Path(comfy_harness.BASE_DIR.parent / (comfy_harness.BASE_DIR.name + "-server")))
+    t0 = time.time()
+    server = ComfyServer(base, artifacts / "comfyui-server.log").start()
+    say(f"ComfyUI server at {server.url} (pid {server.proc.pid}) started in {time.time() - t0:.1f} s, "
+        f"log {server.log_path}")
+    yield server
+    server.stop()
+    say(f"ComfyUI server (pid {server.proc.pid}) stopped: exit code {server.proc.returncode}")
+
+
+@pytest.fixture(scope="session")
+def comfy_page(comfy_server, say):
     """The ComfyUI page of `comfy_server` in Debian's headless chromium. Fails (never skips) when
     chromium is missing: scripts/setup_comfyui.sh installs it when run as root."""
     import comfy_browser
@@ -147,7 +168,7 @@ def comfy_page(comfy_server):
         pytest.fail(str(e), pytrace=False)
     t0 = time.time()
     page = comfy_browser.ComfyPage(comfy_server.url).open()
-    print(f"\nComfyUI page open in headless chromium in {time.time() - t0:.1f} s")
+    say(f"ComfyUI page open in headless chromium ({comfy_browser.find_chromium()}) in {time.time() - t0:.1f} s")
     yield page
     page.close()
 

@@ -62,7 +62,7 @@ def test_every_pack_node_has_a_help_page(comfy_server):
     assert not missing, f"no help page web/docs/<NodeId>.md for: {missing}"
 
 
-def test_open_and_run_a_pack_workflow(comfy_server, comfy_page, artifacts):
+def test_open_and_run_a_pack_workflow(comfy_server, comfy_page, artifacts, say):
     """Open one of the pack's workflows as a user does, run it with the Run button's code path,
     screenshot the result, and check the console has nothing from the pack's extension."""
     name = showcase_workflow()
@@ -85,7 +85,8 @@ def test_open_and_run_a_pack_workflow(comfy_server, comfy_page, artifacts):
                                       timeout=30000)
     comfy_page.fit_view()
     shot = comfy_page.screenshot(artifacts / f"browser-{pathlib_stem(name)}.png")
-    print(f"\nbrowser screenshot: {shot} (ran {name} via the Run button in {time.time() - t0:.1f} s)")
+    say(f"browser screenshot: {shot} ({name} opened with loadGraphData, run with the Run button's "
+        f"queuePrompt in {time.time() - t0:.1f} s)")
     assert shot.stat().st_size > 10_000
 
     errors = comfy_page.pack_errors()
@@ -96,10 +97,11 @@ def pathlib_stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def test_no_pack_error_in_console(comfy_page):
+def test_no_pack_error_in_console(comfy_page, say):
     """Every message the page logged that mentions the pack (errors and page exceptions)."""
     errors = comfy_page.pack_errors()
     assert not errors, "\n".join(map(str, errors))
     if comfy_page.errors():
-        print("\nconsole errors not from the pack (stock frontend, offline):\n  " +
-              "\n  ".join(str(e)[:160] for e in comfy_page.errors()))
+        kinds = sorted({(e.url.split("?")[0] or e.text[:60]) for e in comfy_page.errors()})
+        say(f"console: {len(comfy_page.errors())} errors, none from the pack (stock frontend, offline): "
+            + "; ".join(k[:80] for k in kinds[:6]))

@@ -47,7 +47,7 @@ def test_readme_documents_the_main_job():
     assert "run_workflow.py" in command
 
 
-def test_main_job_end_to_end(tmp_path, artifacts):
+def test_main_job_end_to_end(tmp_path, artifacts, say):
     command = readme_command() or DEFAULT_COMMAND
     argv = shlex.split(command)
     out = tmp_path / "outputs"
@@ -61,8 +61,8 @@ def test_main_job_end_to_end(tmp_path, artifacts):
     elapsed = time.time() - t0
     log = proc.stdout + proc.stderr
     (artifacts / "main-job.log").write_text(f"$ {shlex.join(argv)}\n{log}")
-    print(f"\nmain job: `{shlex.join(argv)}` finished in {elapsed:.1f} s with {proc.returncode}; "
-          f"log {artifacts / 'main-job.log'}")
+    say(f"main job: `{shlex.join(argv)}` finished in {elapsed:.1f} s with exit code {proc.returncode}; "
+        f"log {artifacts / 'main-job.log'}")
     assert proc.returncode == 0, f"the main job failed ({proc.returncode}):\n{log[-4000:]}"
 
     # It said what it was doing: the server's PID, node by node, sampler steps.

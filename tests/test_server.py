@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import time
 
 import pytest
 from PIL import Image
@@ -58,10 +59,12 @@ def test_workflows_folder_is_complete():
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
-def test_workflow_runs_in_the_server(path: pathlib.Path, run_workflow_file, comfy_server, artifacts):
+def test_workflow_runs_in_the_server(path: pathlib.Path, run_workflow_file, comfy_server, artifacts, say):
+    t0 = time.time()
     api, entry, images = run_workflow_file(path)
     assert entry["status"]["status_str"] == "success"
-    print(f"\n{path.name}: {len(api)} nodes ran in the server; images: {[i[1]['filename'] for i in images]}")
+    say(f"workflows/{path.name}: {len(api)} nodes executed by the server in {time.time() - t0:.1f} s; "
+        f"images {[i[1]['filename'] for i in images]}")
 
     # The UI file is what its API source says (scripts/build_workflows.py keeps them in step).
     source = WORKFLOWS / "src" / f"{path.stem}.api.json"
