@@ -243,6 +243,20 @@ class ComfyPage:
         if missing:
             raise RuntimeError(f"the frontend does not know these node types: {missing}")
 
+    def set_widget(self, node: str, name: str, value) -> None:
+        """Set a widget of the open graph (node by id or title) as a user's edit would."""
+        error = self.evaluate("""([ref, name, value]) => {
+            const nodes = window.app.graph.nodes.filter(n => String(n.id) === ref || n.title === ref);
+            if (nodes.length !== 1) return `${nodes.length} nodes have the id or title ${JSON.stringify(ref)}`;
+            const w = (nodes[0].widgets || []).find(w => w.name === name);
+            if (!w) return `node ${ref} (${nodes[0].type}) has no widget ${JSON.stringify(name)}; it has: ` +
+                           (nodes[0].widgets || []).map(w => w.name).join(', ');
+            w.value = value; w.callback?.(value);
+            return null;
+        }""", [str(node), name, value])
+        if error:
+            raise ValueError(error)
+
     def graph_to_prompt(self) -> dict:
         """{'output': API prompt, 'workflow': UI workflow} of the open graph, as the Run button builds it."""
         return self.evaluate("async () => { const p = await window.app.graphToPrompt();"

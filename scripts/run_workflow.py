@@ -74,11 +74,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="the Python that runs the ComfyUI server (default: $MC_PYTHON, else the cache's venv)")
     ap.add_argument("--extra-model-paths-config", action="append", default=[], metavar="YAML",
                     help="more model folders, in ComfyUI's extra_model_paths.yaml format (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.WIDGET=VALUE",
+                    help="change a widget before running, NODE being the node's id or title "
+                         "(e.g. --set Prompt.text='a blue circle' --set 5.seed=7); repeatable")
+    ap.add_argument("--list", action="store_true", help="list the workflows in workflows/ and exit")
     ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
     ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow (default 1800)")
     ap.add_argument("--no-setup", action="store_true", help="do not run scripts/setup_comfyui.sh")
     return ap.parse_args(argv)
+
+
+def parse_set(item: str) -> tuple[str, str, object]:
+    """'NODE.WIDGET=VALUE' -> (node, widget, value); VALUE is JSON when it parses, else a string."""
+    target, sep, raw = item.partition("=")
+    node, dot, widget = target.rpartition(".")
+    if not sep or not dot or not node or not widget:
+        raise SystemExit(f"--set {item!r}: expected NODE.WIDGET=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return node, widget, value
+
+
+def list_workflows() -> None:
+    default = default_workflow()
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        nodes = json.loads(path.read_text()).get("nodes", [])
+        pack = sorted({n["type"] for n in nodes if n["type"].startswith("MC_")})
+        print(f"{path.stem:32s}{' (default)' if path == default else '':10s} {len(nodes):3d} nodes  {' '.join(pack)}")
 
 
 def bootstrap(args: argparse.Namespace) -> None:
@@ -190,6 +215,7 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     from comfy_server import ComfyServer, format_status_messages, make_base_directory
 
     workflow_path = resolve_workflow(args.workflow)
+    edits = [parse_set(item) for item in args.set]
     workflow = json.loads(workflow_path.read_text())
     if "nodes" not in workflow:
         raise SystemExit(f"{workflow_path} is not a UI-format workflow (no 'nodes'); "
@@ -212,6 +238,9 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
         t1 = time.time()
         with ComfyPage(server.url) as page:
             page.load_workflow(workflow, workflow_path.stem)
+            for node, widget, value in edits:
+                page.set_widget(node, widget, value)
+                log(f"set {node}.{widget} = {value!r}")
             converted = page.graph_to_prompt()
             errors = page.pack_errors()
         for e in errors:
@@ -252,10 +281,13 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        list_workflows()
+        return 0
     bootstrap(args)
     try:
         run(args)
-    except (RuntimeError, TimeoutError, AssertionError) as e:
+    except (RuntimeError, TimeoutError, AssertionError, ValueError) as e:
         log(f"error: {e}")
         return 1
     return 0
