@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from . import glue
 from .algorithms import segfree as segfree_algo
@@ -124,6 +124,7 @@ class SegmentationMap(io.ComfyNode):
             node_id="MC_SegmentationMap",
             display_name="Segmentation Map (cross-attention)",
             category="More Control/guidance",
+            is_output_node=True,
             description="Shows the segmentation the model implies: every patch coloured by the prompt word it attends "
                         "to most (eq. 9 of the segmentation-free guidance paper), summed over every cross-attention "
                         "layer and over noise levels between start and end percent; plus one mask per word.",
@@ -172,7 +173,8 @@ class SegmentationMap(io.ComfyNode):
             torch.nn.functional.interpolate((l[None, None] == torch.arange(1, len(words) + 1).view(1, -1, 1, 1)).float(),
                                             size=(height, width), mode="nearest")[0]
             for l in labels])
-        return io.NodeOutput(maps, masks, "\n".join(words))
+        # Shown on the node itself too: users would rather look at a map than wire a preview.
+        return io.NodeOutput(maps, masks, "\n".join(words), ui=ui.PreviewImage(maps, cls=cls))
 
 
 NODES = [SegmentationFreeGuidance, SegmentationFreeGuider, SegmentationFreeCLIP, SegmentationMap]

@@ -350,10 +350,13 @@ def test_workflow_runs_in_executor(run_prompt, name):
 
     prompt = json.loads((comfy_harness.PACK_DIR / "workflows" / "src" / f"{name}.api.json").read_text())
     outputs = run_prompt(prompt)
-    saved = [img for out in outputs.values() for img in out.get("images", [])]
+    mask_savers = {k for k, v in prompt.items() if v["class_type"] == "SaveImage" and prompt[v["inputs"]["images"][0]]["class_type"] == "MaskToImage"}
+    saved = [img for node, out in outputs.items() if node not in mask_savers for img in out.get("images", [])]
     assert saved, outputs
-    pictures = [numpy.asarray(Image.open(pathlib_join(folder_paths.get_output_directory(), i["subfolder"], i["filename"])))
-                for i in saved]
+    pictures = [numpy.asarray(Image.open(pathlib_join(folder_paths.get_directory_by_type(i["type"]), i["subfolder"], i["filename"])))
+                for i in saved if i["type"] == "output"]
+    previews = [i for i in saved if i["type"] == "temp"]
+    assert len(previews) == (1 if name == "segfree_segmentation_map" else 0)  # the map shows on its node
     assert all(p.std() > 0 for p in pictures)
     if name == "segfree_vs_cfg":
         assert len(pictures) == 4  # four seeds, each CFG on top and SFG below, 8 px apart
