@@ -38,6 +38,8 @@ def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every-minutes", type=float, default=5.0)
     p.add_argument("--tiny", action="store_true", help="a tiny setting for tests (few steps, small batches)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the weights and record already in --out (optimiser state starts afresh)")
     return p
 
 
@@ -63,8 +65,31 @@ class Run:
         self.extra: dict = {}
         self.last_save = time.time()
         self.step = 0
+        self.step_offset, self.seconds_offset = 0, 0.0
+        self.previous_runs: list[dict] = []
+        self.previous_losses: list[tuple[int, float]] = []
         print(f"[{name}] device {self.device}, torch threads {torch.get_num_threads()}, "
               f"steps <= {args.steps}, budget {args.minutes or 'none'} min, out {self.out}", flush=True)
+
+    def resume_from(self, weights_file: str) -> bool:
+        """With --resume and weights in --out: carry over the earlier runs' record and loss history
+        (the caller loads the weights). Returns whether there is something to resume."""
+        stem = pathlib.Path(weights_file).stem
+        if not (self.args.resume and (self.out / weights_file).exists()):
+            return False
+        rec_path = self.out / f"{stem}.json"
+        prev = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        history = prev.pop("loss_history", None)
+        earlier = prev.pop("previous_runs", [])
+        self.previous_runs = earlier + ([prev] if prev else [])
+        self.step_offset = int(prev.get("total_steps", prev.get("steps", 0)))
+        self.seconds_offset = float(prev.get("total_train_seconds", prev.get("train_seconds", 0.0)))
+        self.previous_losses = [tuple(x) for x in history] if history else []
+        if not history and (self.out / f"{stem}_loss.png").exists():  # keep the earlier curve
+            part = len(self.previous_runs)
+            (self.out / f"{stem}_loss.png").rename(self.out / f"{stem}_loss_part{part}.png")
+        print(f"[{self.name}] resuming after {self.step_offset} steps / {self.seconds_offset / 60:.1f} min", flush=True)
+        return True
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -105,9 +130,11 @@ class Run:
             "command": " ".join([os.path.basename(sys.executable), "-m", f"training.train_{self.name}"] + sys.argv[1:]),
             "seed": self.args.seed,
             "steps": self.step,
+            "total_steps": self.step_offset + self.step,
             "batch": self.args.batch,
             "lr": self.args.lr,
             "train_seconds": round(self.elapsed(), 1),
+            "total_train_seconds": round(self.seconds_offset + self.elapsed(), 1),
             "final_loss": self.final_loss(),
             "final_loss_window": min(50, len(self.losses)),
             "first_loss": self.losses[0][1] if self.losses else None,
@@ -118,10 +145,15 @@ class Run:
             "torch": torch.__version__,
             "loss_curve": f"{stem}_loss.png",
         }
+        if self.previous_runs:
+            rec["previous_runs"] = self.previous_runs
         rec.update(self.extra)
         rec.update(fields)
+        history = self.previous_losses + [(self.step_offset + s, v) for s, v in self.losses]
+        every = max(1, len(history) // 4000)
+        rec["loss_history"] = [[int(s), round(float(v), 6)] for s, v in history[::every]]
         (self.out / f"{stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
-        save_loss_curve(self.losses, self.out / f"{stem}_loss.png", title=f"{self.name}: loss per step")
+        save_loss_curve(history, self.out / f"{stem}_loss.png", title=f"{self.name}: loss per step")
         return rec
 
 

@@ -40,7 +40,10 @@ def main(argv=None):
     import open_clip
 
     run = common.Run("clip", args)
-    model = models.build_open_clip(seed=args.seed).to(run.device).train()
+    model = models.build_open_clip(seed=args.seed)
+    if run.resume_from(models.CLIP_FILE):
+        model.load_state_dict(models.load_weights(run.out / models.CLIP_FILE))
+    model = model.to(run.device).train()
     wrapper = models.ShapesWorldCLIP(model, device=run.device)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embedding" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]

@@ -97,6 +97,8 @@ def main(argv=None):
     empty = encode_text(clip, [""])[0]
 
     base = models.build_base_model(scale, seed=args.seed + 2)
+    if run.resume_from(models.UNET_FILE):  # continues from the saved (EMA) weights
+        base.diffusion_model.load_state_dict(models.load_weights(run.out / models.UNET_FILE))
     unet = base.diffusion_model.to(run.device).train()
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)

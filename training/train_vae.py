@@ -55,7 +55,10 @@ def main(argv=None):
     models = importlib.import_module("mc_shapes_world.models")
 
     run = common.Run("vae", args)
-    model = models.build_autoencoder(seed=args.seed).to(run.device).train()
+    model = models.build_autoencoder(seed=args.seed)
+    if run.resume_from(models.VAE_FILE):
+        model.load_state_dict(models.load_weights(run.out / models.VAE_FILE))
+    model = model.to(run.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 64)))
