@@ -24,7 +24,8 @@ import sys
 import time
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
 
 from comfy_browser import ComfyPage  # noqa: E402
 from comfy_server import CACHE, ComfyServer, make_base_directory  # noqa: E402
@@ -40,7 +41,9 @@ def log(msg: str) -> None:
 
 
 def same_graph(a: dict, b: dict) -> list[str]:
-    """Differences between two API prompts in what runs (class types and inputs; titles ignored)."""
+    """Differences between an API source `a` and the frontend's conversion `b` in what runs: the same
+    nodes and classes, every input of the source unchanged. Titles are ignored, and so are inputs only
+    the frontend adds (a frontend-only widget such as PreviewAny's 'preview', optional defaults)."""
     diffs = []
     for node_id in sorted(set(a) | set(b), key=str):
         na, nb = a.get(node_id), b.get(node_id)
@@ -48,8 +51,11 @@ def same_graph(a: dict, b: dict) -> list[str]:
             diffs.append(f"node {node_id}: only in {'the source' if nb is None else 'the UI file'}")
         elif na["class_type"] != nb["class_type"]:
             diffs.append(f"node {node_id}: {na['class_type']} != {nb['class_type']}")
-        elif na.get("inputs", {}) != nb.get("inputs", {}):
-            diffs.append(f"node {node_id} ({na['class_type']}): inputs {na.get('inputs')} != {nb.get('inputs')}")
+        else:
+            for key, value in na.get("inputs", {}).items():
+                if nb.get("inputs", {}).get(key, KeyError) != value:
+                    diffs.append(f"node {node_id} ({na['class_type']}): input {key}: {value!r} in the source, "
+                                 f"{nb.get('inputs', {}).get(key, '(missing)')!r} in the UI file")
     return diffs
 
 
