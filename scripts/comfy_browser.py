@@ -29,14 +29,16 @@ class ChromiumMissing(RuntimeError):
 
 
 def find_chromium() -> str:
-    """Debian's chromium ($MC_CHROMIUM overrides); a clear error when it is not installed."""
-    candidates = [os.environ.get("MC_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")]
+    """Debian's chromium, or $MC_CHROMIUM when set; a clear error when it is not there."""
+    override = os.environ.get("MC_CHROMIUM")
+    candidates = [override] if override else ["/usr/bin/chromium", shutil.which("chromium")]
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     raise ChromiumMissing(
-        "Debian's chromium is not installed (no /usr/bin/chromium): run `sudo bash scripts/setup_comfyui.sh` "
-        "or `sudo apt-get install -y chromium`, or point MC_CHROMIUM at a chromium binary.")
+        f"no chromium at {override or '/usr/bin/chromium'}: the browser tests and the main job need Debian's "
+        "chromium. Install it with `sudo bash scripts/setup_comfyui.sh` (or `sudo apt-get install -y chromium`), "
+        "or point MC_CHROMIUM at a chromium binary.")
 
 
 @dataclass

@@ -162,10 +162,13 @@ def comfy_page(comfy_server, say):
     chromium is missing: scripts/setup_comfyui.sh installs it when run as root."""
     import comfy_browser
 
+    missing = None
     try:
         comfy_browser.find_chromium()
     except comfy_browser.ChromiumMissing as e:
-        pytest.fail(str(e), pytrace=False)
+        missing = str(e)
+    if missing:
+        pytest.fail(missing, pytrace=False)
     t0 = time.time()
     page = comfy_browser.ComfyPage(comfy_server.url).open()
     say(f"ComfyUI page open in headless chromium ({comfy_browser.find_chromium()}) in {time.time() - t0:.1f} s")
