@@ -258,6 +258,10 @@ class BlendedLatentSampler(io.ComfyNode):
         batch, _, h, w = source.shape
         if mask.ndim == 4:  # a noise mask may carry a channel axis
             mask = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+        # A mask drawn on an image whose sides are not multiples of 8 covers the pixels VAE Encode cropped
+        # away (centred): crop it the same way before resizing it to the latent, so it stays aligned.
+        ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+        mask = _crop_like(mask, h * ratio, w * ratio)
         latent_mask = _masks_for(node, mask, batch, h, w, threshold, input_name)
         if not bool(latent_mask.any()):
             logging.warning("[More Control] %s: the mask is empty after thresholding at %s; the result is the source", node, threshold)

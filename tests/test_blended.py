@@ -206,6 +206,14 @@ def test_masks_of_any_size_and_batch(blended, glue, tiny_sd15, conds):
     full = run_blended(blended, tiny_sd15, conds, {"samples": source}, torch.ones(1, 64, 64), steps=2)
     assert (full != source).float().mean() > 0.99
     assert torch.equal(run_blended(blended, tiny_sd15, conds, {"samples": source}, torch.zeros(64, 64), steps=2), source)
+    # a mask drawn on a 70x60 image (VAE Encode crops it to 64x56, centred; latent 8x7): cropped alike, aligned
+    small = source_latent(4, h=8, w=7)
+    drawn = box_mask(70, 60, 3 + 16, 2 + 8, 3 + 32, 2 + 24)  # latent rows 2-3, columns 1-2 after the crop
+    out = run_blended(blended, tiny_sd15, conds, {"samples": small}, drawn, steps=2)
+    changed = (out != small).any(1)[0]
+    expected = torch.zeros(8, 7, dtype=torch.bool)
+    expected[2:4, 1:3] = True
+    assert torch.equal(changed, expected)
     # three masks for two images, and no mask at all: clear errors
     with pytest.raises(glue.NodeInputError, match="MC_BlendedLatentSampler: input 'mask': has 3 masks for 2 images"):
         run_blended(blended, tiny_sd15, conds, {"samples": source}, torch.ones(3, 64, 64))
@@ -352,6 +360,10 @@ def test_pixel_blend_feather_and_masks(blended, glue):
     assert torch.equal(full, edited)
     (empty,) = blended.PixelBlend.execute(edited, source, torch.zeros(1, 5, 5), "poisson", 0.0, 0.5).result
     assert torch.equal(empty, source)
+    # a 70x60 source whose edit was decoded at 64x56: the source is cropped as VAE Encode crops it
+    big_source = torch.rand(1, 70, 60, 3)
+    (cropped,) = blended.PixelBlend.execute(torch.ones(1, 64, 56, 3), big_source, torch.zeros(1, 70, 60), "paste", 0.0, 0.5).result
+    assert torch.equal(cropped, big_source[:, 3:67, 2:58])
     with pytest.raises(glue.NodeInputError, match="MC_PixelBlend: input 'source_image'"):
         blended.PixelBlend.execute(edited, torch.zeros(3, 33, 41, 3), torch.ones(1, 5, 5), "paste", 0.0, 0.5)
 
