@@ -105,3 +105,19 @@ def test_no_pack_error_in_console(comfy_page, say):
         kinds = sorted({(e.url.split("?")[0] or e.text[:60]) for e in comfy_page.errors()})
         say(f"console: {len(comfy_page.errors())} errors, none from the pack (stock frontend, offline): "
             + "; ".join(k[:80] for k in kinds[:6]))
+
+
+def test_colour_setting_switches_the_pack_colours(comfy_page):
+    """The extension's setting (Settings > More Control) takes the pack's colours off and puts them back."""
+    name = showcase_workflow()
+    comfy_page.load_workflow(json.loads((WORKFLOWS / name).read_text()), name)
+    colours = "() => window.app.graph.nodes.filter(n => n.type.startsWith('MC_')).map(n => n.color ?? null)"
+    setting = "(v) => window.app.extensionManager.setting.set('MoreControl.ColorNodes', v)"
+    assert comfy_page.evaluate(colours) and all(comfy_page.evaluate(colours))
+    try:
+        comfy_page.evaluate(setting, False)
+        assert not any(comfy_page.evaluate(colours))
+    finally:
+        comfy_page.evaluate(setting, True)
+    assert all(comfy_page.evaluate(colours))
+    assert not comfy_page.pack_errors()
