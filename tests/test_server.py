@@ -57,6 +57,9 @@ def test_workflows_folder_is_complete():
         assert "nodes" in workflow and "links" in workflow, f"{path.name} is not in ComfyUI's UI format"
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail {path.with_suffix('.jpg').name}"
         assert Image.open(path.with_suffix(".jpg")).format == "JPEG"
+    unbuilt = [src.name for src in sorted((WORKFLOWS / "src").glob("*.api.json"))
+               if not (WORKFLOWS / src.name.replace(".api.json", ".json")).exists()]
+    assert not unbuilt, f"API sources without their UI workflow: {unbuilt} (run scripts/build_workflows.py)"
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
