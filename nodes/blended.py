@@ -7,6 +7,7 @@ nodes add what the paper has and the core lacks:
   MC_BlendedLatentSampler   a KSampler for masked latents with the paper's blend: fresh background
                             noise every step, blend at the next noise level after each step, the
                             exact source latent outside the final mask (Alg. 1)
+  MC_BlendedSampler         the same blend as a SAMPLER for SamplerCustomAdvanced / custom guiders
   MC_DecoderFineTune        background reconstruction by fine-tuning a throw-away decoder (Sec. 4.2)
   MC_LatentOptimization     the latent-optimisation alternative (Sec. 4.2, Eq. 1)
   MC_PixelBlend             pixel paste / Poisson blending alternatives
@@ -157,17 +158,24 @@ class BlendedSampler(comfy.samplers.Sampler):
     Running one step per call means multistep samplers (dpmpp_2m, lms, deis, ipndm, uni_pc) lose their
     history and act as their first-order form; ancestral/SDE samplers get a new seed per step."""
 
-    def __init__(self, inner, fresh_noise: bool, seed: int, step_callback=None):
-        self.inner, self.fresh_noise, self.seed = inner, fresh_noise, int(seed)
+    def __init__(self, inner, fresh_noise: bool, seed: int | None, step_callback=None, threshold: float | None = None):
+        self.inner, self.fresh_noise = inner, fresh_noise
+        self.seed = None if seed is None else int(seed)  # None: the sampling run's seed (SamplerCustomAdvanced's noise seed)
+        self.threshold = threshold
         self.step_callback = step_callback
         self.final_mask = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        if denoise_mask is None:
+            raise ValueError("MC_BlendedSampler: the latent has no noise mask (use Set Latent Noise Mask before sampling)")
+        seed = self.seed if self.seed is not None else int(extra_args.get("seed") or 0)
+        if self.threshold is not None:
+            denoise_mask = algo.binarize(denoise_mask, self.threshold)
         model_sampling = model_wrap.inner_model.model_sampling
         extra_args["denoise_mask"] = denoise_mask
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image = latent_image
-        noises = algo.NoiseSource(noise, self.seed, self.fresh_noise)
+        noises = algo.NoiseSource(noise, seed, self.fresh_noise)
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         mask_function = extra_args["model_options"].get("denoise_mask_function")
         steps = len(sigmas) - 1
@@ -176,7 +184,7 @@ class BlendedSampler(comfy.samplers.Sampler):
             # The model input of step i sees the background noised with this step's noise: the same
             # tensor the blend after step i-1 used, so the core's pre-call blend changes nothing there.
             model_k.noise = noises.for_step(i)
-            step_args = dict(extra_args, seed=self.seed + i)
+            step_args = dict(extra_args, seed=seed + i)
             step_callback = None
             if callback is not None:
                 step_callback = (lambda d, i=i: callback(i, d["denoised"], d["x"], steps))
@@ -272,7 +280,7 @@ class BlendedLatentSampler(io.ComfyNode):
         if sigmas.numel() < 2:
             return io.NodeOutput({**latent_image, "samples": source.clone()})
         noise = comfy.sample.prepare_noise(source, seed, latent_image.get("batch_index"))
-        sampler = BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh_noise, seed)
+        sampler = BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh_noise, seed)  # mask already binary
         preview = latent_preview.prepare_callback(model, sigmas.numel() - 1)
         samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, sigmas,
                                         model_options=model.model_options, latent_image=source,
@@ -285,6 +293,34 @@ class BlendedLatentSampler(io.ComfyNode):
         final = comfy.utils.repeat_to_batch_size(final, batch)
         samples = torch.where(final > 0, samples, source.to(samples.dtype))
         return io.NodeOutput({**latent_image, "samples": samples})
+
+
+class BlendedSamplerWrapper(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MC_BlendedSampler",
+            display_name="Blended Sampler (for SamplerCustomAdvanced)",
+            category=CATEGORY,
+            description="Wraps a SAMPLER with Blended Latent Diffusion's blend (fresh background noise each step, blend at "
+                        "the next noise level, the source after the last step) for SamplerCustomAdvanced and custom guiders. "
+                        "The latent needs a noise mask. Outside the mask the result is the source up to the last bit of the "
+                        "latent scaling; the Blended Latent Sampler node pastes it exactly.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The inner sampler (KSamplerSelect), run one step at a time."),
+                io.Boolean.Input("fresh_noise", default=True,
+                                 tooltip="Fresh background noise at every step (the paper). Off: one fixed noise tensor."),
+                _threshold_input(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, sampler, fresh_noise, threshold) -> io.NodeOutput:
+        if not callable(getattr(sampler, "sampler_function", None)):
+            raise NodeInputError("MC_BlendedSampler", "sampler", f"{type(sampler).__name__} is not a k-diffusion sampler "
+                                 "(use KSamplerSelect or a node that outputs one)")
+        return io.NodeOutput(BlendedSampler(sampler, fresh_noise, None, threshold=threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,4 +547,4 @@ class RankByCLIP(io.ComfyNode):
         return io.NodeOutput(images[order], out_latent, algo.format_scores(similarity, order.tolist()))
 
 
-NODES = [ProgressiveMaskShrink, BlendedLatentSampler, DecoderFineTune, LatentOptimization, PixelBlend, RankByCLIP]
+NODES = [ProgressiveMaskShrink, BlendedLatentSampler, BlendedSamplerWrapper, DecoderFineTune, LatentOptimization, PixelBlend, RankByCLIP]

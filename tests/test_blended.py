@@ -172,6 +172,30 @@ def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(blended, algo, 
         assert torch.allclose(records[-1][outside], (source * scale)[outside], atol=1e-6)  # clean source at the end
 
 
+def test_sampler_wrapper_for_sampler_custom_advanced(blended, glue, tiny_sd15, conds):
+    """MC_BlendedSampler through SamplerCustomAdvanced's path (a guider, the latent's noise mask, the noise
+    seed): the background is the source up to the latent scale's float round trip."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler
+
+    source = source_latent(8)
+    mask = box_mask(64, 64, 16, 16, 48, 48)[:, None] * 0.7  # soft, as Set Latent Noise Mask may give
+    (sampler,) = blended.BlendedSamplerWrapper.execute(comfy.samplers.sampler_object("euler_ancestral"), True, 0.5).result
+    (guider,) = nodes_custom_sampler.CFGGuider.execute(tiny_sd15, conds[0], conds[1], 5.0).result
+    (noise,) = nodes_custom_sampler.RandomNoise.execute(5).result
+    sigmas = comfy.samplers.KSampler(tiny_sd15, steps=3, device="cpu", sampler="euler", scheduler="normal").sigmas
+    out, _ = nodes_custom_sampler.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas,
+                                                                {"samples": source, "noise_mask": mask}).result
+    out = out["samples"]
+    inside = torch.zeros_like(source, dtype=torch.bool)
+    inside[:, :, 2:6, 2:6] = True
+    assert torch.allclose(out[~inside], source[~inside], rtol=1e-6, atol=1e-6)
+    assert (out[inside] - source[inside]).abs().mean() > 0.1
+    with pytest.raises(glue.NodeInputError, match="MC_BlendedSampler: input 'sampler'"):
+        blended.BlendedSamplerWrapper.execute(object(), True, 0.5)
+
+
 def test_fresh_noise_changes_the_edit_and_is_seeded(blended, tiny_sd15, conds):
     latent = {"samples": source_latent(), "noise_mask": box_mask(64, 64, 16, 16, 48, 48)}
     a = run_blended(blended, tiny_sd15, conds, latent, fresh=True)

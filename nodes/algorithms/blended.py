@@ -151,10 +151,14 @@ class NoiseSource:
         after step i-1 and the model input of step i must see the same background)."""
         if not self.fresh:
             return self.first
+        if step not in self.draws and step < max(self.draws):
+            raise ValueError(f"the noise of step {step} was already released (steps are asked for in order)")
         while step not in self.draws:
             k = max(self.draws) + 1
             draw = torch.randn(self.first.shape, generator=self.generator, dtype=torch.float32, device="cpu")
             self.draws[k] = draw.to(self.first.device, self.first.dtype)
+            for old in [j for j in self.draws if j < k - 1]:  # steps only look one level ahead: free the rest
+                del self.draws[old]
         return self.draws[step]
 
 
