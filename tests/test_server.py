@@ -120,3 +120,14 @@ def test_server_reports_a_broken_workflow(comfy_server):
               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "broken"}}}
     with pytest.raises(AssertionError, match="POST /prompt -> 400.*width"):
         comfy_server.run_api_prompt(broken)
+
+
+def test_templates_browser_lists_the_workflows(comfy_server):
+    """ComfyUI's templates browser offers every shared workflow, with its thumbnail."""
+    templates = comfy_server.get("/workflow_templates")
+    assert sorted(templates.get("more-control", [])) == sorted(p.stem for p in WORKFLOW_FILES), templates
+    name = WORKFLOW_FILES[0].stem
+    served = json.loads(comfy_server.get_bytes(f"/api/workflow_templates/more-control/{name}.json"))
+    assert served == json.loads((WORKFLOWS / f"{name}.json").read_text())
+    thumb = comfy_server.get_bytes(f"/api/workflow_templates/more-control/{name}.jpg")
+    assert thumb[:3] == b"\xff\xd8\xff"
