@@ -5,6 +5,7 @@
 
 WORKFLOW is a UI-format workflow file (as saved by ComfyUI) or the name of one in workflows/
 (`shapes_world_txt2img` = workflows/shapes_world_txt2img.json); without it the default workflow runs.
+An API-format file (ComfyUI's "Export (API)", workflows/src/*.api.json) is queued as it is.
 
 What it does:
   1. makes sure ComfyUI 0.3.75 is installed (scripts/setup_comfyui.sh: idempotent, a no-op once done)
@@ -217,9 +218,9 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     workflow_path = resolve_workflow(args.workflow)
     edits = [parse_set(item) for item in args.set]
     workflow = json.loads(workflow_path.read_text())
-    if "nodes" not in workflow:
-        raise SystemExit(f"{workflow_path} is not a UI-format workflow (no 'nodes'); "
-                         "API-format files can be POSTed to /prompt directly")
+    api_format = "nodes" not in workflow
+    if api_format and not all(isinstance(n, dict) and "class_type" in n for n in workflow.values()):
+        raise SystemExit(f"{workflow_path} is neither a UI-format workflow nor an API-format prompt")
     comfy_dir = pathlib.Path(args.comfyui or CACHE / "ComfyUI").resolve()
     python = args.python or (CACHE / "venv" / "bin" / "python")
     out_dir = pathlib.Path(args.out).resolve()
@@ -236,18 +237,28 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
         log(f"ComfyUI {server.url} (pid {server.pid}, {'GPU' if args.gpu else 'CPU'}) started in "
             f"{time.time() - t0:.1f} s; log {server.log_path}")
         t1 = time.time()
-        with ComfyPage(server.url) as page:
-            page.load_workflow(workflow, workflow_path.stem)
+        if api_format:  # already what /prompt takes (e.g. workflows/src/*.api.json): no browser needed
+            converted = {"output": workflow, "workflow": None}
             for node, widget, value in edits:
-                page.set_widget(node, widget, value)
+                matches = [k for k, n in workflow.items() if node in (k, n.get("_meta", {}).get("title"))]
+                if len(matches) != 1 or widget not in workflow[matches[0]]["inputs"]:
+                    raise ValueError(f"--set {node}.{widget}: no such node input in the API prompt")
+                workflow[matches[0]]["inputs"][widget] = value
                 log(f"set {node}.{widget} = {value!r}")
-            converted = page.graph_to_prompt()
-            errors = page.pack_errors()
-        for e in errors:
-            log(f"browser console: {e}")
+            log(f"API-format prompt of {len(workflow)} nodes: queued as it is")
+        else:
+            with ComfyPage(server.url) as page:
+                page.load_workflow(workflow, workflow_path.stem)
+                for node, widget, value in edits:
+                    page.set_widget(node, widget, value)
+                    log(f"set {node}.{widget} = {value!r}")
+                converted = page.graph_to_prompt()
+                errors = page.pack_errors()
+            for e in errors:
+                log(f"browser console: {e}")
+            log(f"the frontend converted {len(workflow['nodes'])} nodes to an API prompt of "
+                f"{len(converted['output'])} in {time.time() - t1:.1f} s")
         prompt = converted["output"]
-        log(f"the frontend converted {len(workflow['nodes'])} nodes to an API prompt of {len(prompt)} in "
-            f"{time.time() - t1:.1f} s")
 
         client_id = uuid.uuid4().hex
         ws = websocket.WebSocket()
