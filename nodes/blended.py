@@ -345,6 +345,20 @@ def _reconstruction_inputs(node: str, vae, latent: dict, source_image: torch.Ten
     return z, source, masks
 
 
+def _progress(total_steps: int):
+    """A ComfyUI progress bar over all optimisation steps of a node, that also lets the user cancel."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total_steps)
+
+    def on_step(_):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update(1)
+
+    return on_step
+
+
 def _decoder_copy(vae):
     """A throw-away float32 copy of the VAE's autoencoder (never the user's), its decode function,
     and the parameters the paper fine-tunes (the decoder's)."""
@@ -390,6 +404,7 @@ class DecoderFineTune(io.ComfyNode):
         node = "MC_DecoderFineTune"
         z, source, masks = _reconstruction_inputs(node, vae, latent, source_image, mask, threshold)
         images = []
+        on_step = _progress(steps * z.shape[0])
         with gradients_enabled():
             for b in range(z.shape[0]):
                 # A fresh copy per image: each edit gets its own decoder, as in the paper's code, which
@@ -398,7 +413,8 @@ class DecoderFineTune(io.ComfyNode):
                 zb = outside_inference(z[b:b + 1]).to(device, torch.float32)
                 xb = vae.process_input(outside_inference(source[b:b + 1])).movedim(-1, 1).to(device, torch.float32)
                 mb = outside_inference(masks[b:b + 1])[:, None].to(device, torch.float32)
-                result = algo.finetune_decoder(decode, params, zb, xb, mb, steps, learning_rate, background_weight)
+                result = algo.finetune_decoder(decode, params, zb, xb, mb, steps, learning_rate, background_weight,
+                                               on_step=on_step)
                 images.append(vae.process_output(result.image).movedim(1, -1).float().cpu())
                 logging.info("[More Control] %s image %d: loss %.5f -> %.5f", node, b, result.losses[0], result.losses[-1])
                 del model, decode, params
@@ -435,6 +451,7 @@ class LatentOptimization(io.ComfyNode):
         node = "MC_LatentOptimization"
         z, source, masks = _reconstruction_inputs(node, vae, latent, source_image, mask, threshold)
         images, latents = [], []
+        on_step = _progress(steps * z.shape[0])
         with gradients_enabled():
             model, decode, _, device = _decoder_copy(vae)
             model.requires_grad_(False)
@@ -442,7 +459,7 @@ class LatentOptimization(io.ComfyNode):
                 zb = outside_inference(z[b:b + 1]).to(device, torch.float32)
                 xb = vae.process_input(outside_inference(source[b:b + 1])).movedim(-1, 1).to(device, torch.float32)
                 mb = outside_inference(masks[b:b + 1])[:, None].to(device, torch.float32)
-                result = algo.optimize_latent(decode, zb, xb, mb, steps, learning_rate, background_weight)
+                result = algo.optimize_latent(decode, zb, xb, mb, steps, learning_rate, background_weight, on_step=on_step)
                 images.append(vae.process_output(result.image).movedim(1, -1).float().cpu())
                 latents.append(result.latent.cpu().to(z.dtype))
         return io.NodeOutput(torch.cat(images), {**latent, "samples": torch.cat(latents)})

@@ -196,6 +196,19 @@ def test_sampler_wrapper_for_sampler_custom_advanced(blended, glue, tiny_sd15, c
         blended.BlendedSamplerWrapper.execute(object(), True, 0.5)
 
 
+def test_fixed_noise_euler_reproduces_comfyui_masked_sampling(blended, comfy_nodes, tiny_sd15, conds):
+    """With fixed noise, euler and a binary mask the paper's state blend and ComfyUI's own (blend of the
+    model input and of the prediction) give the same trajectory: background z0 + sigma * eps either way.
+    So the node must match KSampler + Set Latent Noise Mask, up to float rounding."""
+    source = source_latent(12)
+    mask = box_mask(64, 64, 16, 8, 48, 40)  # on 8-pixel boundaries: the latent mask is binary
+    (reference,) = comfy_nodes.KSampler().sample(tiny_sd15, 21, 4, 5.0, "euler", "normal", conds[0], conds[1],
+                                                 {"samples": source, "noise_mask": mask}, denoise=1.0)
+    ours = run_blended(blended, tiny_sd15, conds, {"samples": source}, mask, steps=4, sampler="euler", fresh=False, seed=21)
+    assert torch.allclose(ours, reference["samples"], atol=1e-4, rtol=1e-4)
+    assert not torch.equal(ours, source)
+
+
 def test_fresh_noise_changes_the_edit_and_is_seeded(blended, tiny_sd15, conds):
     latent = {"samples": source_latent(), "noise_mask": box_mask(64, 64, 16, 16, 48, 48)}
     a = run_blended(blended, tiny_sd15, conds, latent, fresh=True)

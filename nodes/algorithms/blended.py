@@ -184,13 +184,15 @@ class ReconstructionResult:
 
 def finetune_decoder(decoder: torch.nn.Module, parameters: Iterable[torch.nn.Parameter], latent: torch.Tensor,
                      source: torch.Tensor, mask: torch.Tensor, steps: int = 75, lr: float = 1e-4,
-                     background_weight: float = 100.0, edited_target: torch.Tensor | None = None) -> ReconstructionResult:
+                     background_weight: float = 100.0, edited_target: torch.Tensor | None = None,
+                     on_step: Callable[[int], None] | None = None) -> ReconstructionResult:
     """Decoder fine-tune (Eq. 2/3): optimise the decoder weights theta with Adam so that D_theta(z0)
     reproduces the source image x outside the mask and the original decode x_hat = D(z0) inside it.
 
     `decoder` maps a latent [1, C, h, w] to an image [1, 3, H, W] in [-1, 1] and must be a
     throw-away copy: its weights change. `parameters` are the ones optimised (the paper: the
-    decoder's, not the post-quantisation convolution's). Call with gradients enabled."""
+    decoder's, not the post-quantisation convolution's). Call with gradients enabled. `on_step(i)` runs
+    after each step (progress, cancellation)."""
     with torch.no_grad():
         target = decoder(latent) if edited_target is None else edited_target
     optimizer = torch.optim.Adam(list(parameters), lr=lr)
@@ -201,6 +203,8 @@ def finetune_decoder(decoder: torch.nn.Module, parameters: Iterable[torch.nn.Par
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses))
     with torch.no_grad():
         image = decoder(latent)
     return ReconstructionResult(image, None, losses)
@@ -208,7 +212,8 @@ def finetune_decoder(decoder: torch.nn.Module, parameters: Iterable[torch.nn.Par
 
 def optimize_latent(decoder: torch.nn.Module, latent: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
                     steps: int = 75, lr: float = 0.1, background_weight: float = 100.0,
-                    edited_target: torch.Tensor | None = None) -> ReconstructionResult:
+                    edited_target: torch.Tensor | None = None,
+                    on_step: Callable[[int], None] | None = None) -> ReconstructionResult:
     """Latent optimisation (Eq. 1): the same loss, optimised over z with the decoder frozen.
 
     The paper states lr 1e-4 for both variants; the official code uses 0.1 here, and 1e-4 barely
@@ -224,6 +229,8 @@ def optimize_latent(decoder: torch.nn.Module, latent: torch.Tensor, source: torc
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses))
     with torch.no_grad():
         image = decoder(z)
     return ReconstructionResult(image, z.detach(), losses)
