@@ -246,7 +246,6 @@ class BlendedLatentSampler(io.ComfyNode):
                 fresh_noise, threshold, mask=None) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
-        import comfy.samplers
         import comfy.utils
         import latent_preview
 
