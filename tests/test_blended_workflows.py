@@ -74,3 +74,17 @@ def test_edit_workflows_run(run_prompt, name, save_node):
     # these figures only show the graph ran end to end; the properties are tested on the nodes themselves.
     print(f"\n{name}: mean |edit - source| outside the mask {outside:.1f}, inside {inside:.1f} (of 255)")
     assert np.isfinite([outside, inside]).all() and edited.std() > 0
+
+
+def test_bad_shrink_schedule_is_rejected_before_running(comfy_nodes):
+    """ComfyUI's own validation reports the node's message (and skips the outputs that depend on it)."""
+    import asyncio
+    import uuid
+
+    import execution
+
+    graph = load("blended_thin_mask.api.json", MC_ProgressiveMaskShrink={"kernels": "7,6,3,1"})
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), graph, None))
+    errors = json.dumps(valid[3])
+    assert "MC_ProgressiveMaskShrink: kernels/parts: kernels must be odd" in errors
+    assert "17" not in valid[2]  # the edit's SaveImage does not run
