@@ -28,19 +28,6 @@ def glue(pack_module):
 
 
 @pytest.fixture(scope="module")
-def tiny_vae():
-    """tiny_models.tiny_vae with 32 base channels: its 16 are not divisible by the VAE's 32 GroupNorm
-    groups, so that builder fails in ComfyUI 0.3.75 (reported to the lead; the fixture is not ours)."""
-    import comfy.sd
-
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
-    tiny_models.seeded_init(vae.first_stage_model, 3)
-    return vae
-
-
-@pytest.fixture(scope="module")
 def conds(tiny_clip):
     return tiny_models.encode(tiny_clip, "a red ball"), tiny_models.encode(tiny_clip, "")
 

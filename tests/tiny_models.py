@@ -107,8 +107,8 @@ def tiny_vae(seed: int = 0):
     """A `comfy.sd.VAE` with SD's latent layout (8x down, 4 channels) and few channels."""
     import comfy.sd
 
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 16,
-                "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
     config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
     vae = comfy.sd.VAE(sd={}, config=config)
     seeded_init(vae.first_stage_model, seed)
