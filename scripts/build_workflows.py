@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the shared UI-format workflows from their API-format sources, with the real frontend.
 
-    python scripts/build_workflows.py [NAME ...] [--no-thumbnails]
+    python scripts/build_workflows.py [NAME ...] [--no-thumbnails] [--screenshots DIR]
+    python scripts/build_workflows.py --check     # which UI files are missing or stale
 
 For each `workflows/src/NAME.api.json` (all of them unless NAMEs are given) it:
   * opens the API graph in the ComfyUI page (`app.loadApiJson`), fixes seeds ('control after
@@ -104,10 +105,30 @@ def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: b
         log(f"{thumb.relative_to(PACK_DIR)}: screenshot of the graph (no output image)")
 
 
+def check(page: ComfyPage, sources: list[pathlib.Path]) -> int:
+    stale = 0
+    for src in sources:
+        name = src.name[: -len(".api.json")]
+        target = WORKFLOWS / f"{name}.json"
+        if not target.exists():
+            log(f"{name}: MISSING {target.relative_to(PACK_DIR)}")
+            stale += 1
+            continue
+        diffs = same_graph(json.loads(src.read_text()), page.ui_to_api(json.loads(target.read_text())))
+        if diffs or not target.with_suffix(".jpg").exists():
+            log(f"{name}: STALE\n  " + "\n  ".join(diffs or ["no thumbnail"]))
+            stale += 1
+        else:
+            log(f"{name}: up to date")
+    return 1 if stale else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="names in workflows/src (NAME for NAME.api.json); default all")
     ap.add_argument("--no-thumbnails", action="store_true", help="only write the .json files")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing: report UI files that are missing or no longer match their source")
     ap.add_argument("--screenshots", type=pathlib.Path, metavar="DIR",
                     help="also save a screenshot of each graph in the ComfyUI page to DIR/NAME.png")
     args = ap.parse_args(argv)
@@ -124,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     with ComfyServer(base, base / "comfyui.log") as server:
         log(f"ComfyUI {server.url} (pid {server.pid}); log {server.log_path}")
         with ComfyPage(server.url) as page:
+            if args.check:
+                return check(page, sources)
             for src in sources:
                 build(page, server, src, thumbnails=not args.no_thumbnails, screenshots=args.screenshots)
             for e in page.pack_errors():
