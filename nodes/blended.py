@@ -13,8 +13,8 @@ nodes add what the paper has and the core lacks:
   MC_PixelBlend             pixel paste / Poisson blending alternatives
   MC_RankByCLIP             rank a batch of edits by CLIP similarity in the mask (Sec. 4.4)
 
-The algorithms are in `algorithms/blended.py`; this module holds the node classes and the sampler
-loop that has to speak ComfyUI's sampler protocol.
+The algorithms are in `algorithms/blended.py`; the sampler loop that speaks ComfyUI's sampler
+protocol, the denoise-mask hook and the throw-away VAE copies are in `glue/sampling.py`.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import logging
 
 import torch
 
-import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from .algorithms import blended as algo
 from .clip_models import MCClip, is_mc_clip
+from . import glue
 from .glue import NodeInputError, gradients_enabled, outside_inference
 
 CATEGORY = "More Control/blended latent"
@@ -76,24 +76,6 @@ def _crop_like(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Progressive mask shrinking
 
-class ShrinkMaskFunction:
-    """The `denoise_mask_function` installed by MC_ProgressiveMaskShrink. ComfyUI calls it before
-    every model evaluation of a masked sampling run with (sigma, latent mask, {"model", "sigmas"})
-    and uses the mask it returns for that evaluation. A function installed earlier on the model
-    (e.g. Differential Diffusion's) runs first."""
-
-    def __init__(self, schedule: algo.ShrinkSchedule, threshold: float, previous=None):
-        self.schedule, self.threshold, self.previous = schedule, threshold, previous
-
-    def __call__(self, sigma, denoise_mask, extra_options):
-        if self.previous is not None:
-            denoise_mask = self.previous(sigma, denoise_mask, extra_options)
-        sigmas = extra_options["sigmas"]
-        step = algo.step_index(float(torch.as_tensor(sigma).reshape(-1)[0]), sigmas)
-        kernel = self.schedule.kernel_of_step(step, len(sigmas) - 1)
-        return algo.shrink_mask(denoise_mask, kernel, self.threshold)
-
-
 class ProgressiveMaskShrink(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -141,67 +123,12 @@ class ProgressiveMaskShrink(io.ComfyNode):
             raise NodeInputError(node, "kernels" if "kernel" in str(e) else "parts", str(e)) from None
         patched = model.clone()
         previous = model.model_options.get("denoise_mask_function")
-        patched.set_model_denoise_mask_function(ShrinkMaskFunction(schedule, threshold, previous))
+        patched.set_model_denoise_mask_function(glue.ShrinkMaskFunction(schedule, threshold, previous))
         return io.NodeOutput(patched)
 
 
 # ---------------------------------------------------------------------------------------------
 # The blended sampler
-
-class BlendedSampler(comfy.samplers.Sampler):
-    """A ComfyUI sampler that runs an inner k-diffusion sampler one step at a time and, after each
-    step t -> t_prev, blends `z = m * z + (1 - m) * noise(z_init, t_prev)` (Alg. 1; ALGORITHMS.md's
-    recommended order), with fresh background noise per step or ComfyUI's fixed noise, and the
-    clean source latent after the final step. The mask of each step comes from the model's
-    `denoise_mask_function` when one is installed (progressive shrinking), so both compose.
-
-    Running one step per call means multistep samplers (dpmpp_2m, lms, deis, ipndm, uni_pc) lose their
-    history and act as their first-order form; ancestral/SDE samplers get a new seed per step."""
-
-    def __init__(self, inner, fresh_noise: bool, seed: int | None, step_callback=None, threshold: float | None = None):
-        self.inner, self.fresh_noise = inner, fresh_noise
-        self.seed = None if seed is None else int(seed)  # None: the sampling run's seed (SamplerCustomAdvanced's noise seed)
-        self.threshold = threshold
-        self.step_callback = step_callback
-        self.final_mask = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        if denoise_mask is None:
-            raise ValueError("MC_BlendedSampler: the latent has no noise mask (use Set Latent Noise Mask before sampling)")
-        seed = self.seed if self.seed is not None else int(extra_args.get("seed") or 0)
-        if self.threshold is not None:
-            denoise_mask = algo.binarize(denoise_mask, self.threshold)
-        model_sampling = model_wrap.inner_model.model_sampling
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        noises = algo.NoiseSource(noise, seed, self.fresh_noise)
-        x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        mask_function = extra_args["model_options"].get("denoise_mask_function")
-        steps = len(sigmas) - 1
-        mask = denoise_mask
-        for i in range(steps):
-            # The model input of step i sees the background noised with this step's noise: the same
-            # tensor the blend after step i-1 used, so the core's pre-call blend changes nothing there.
-            model_k.noise = noises.for_step(i)
-            step_args = dict(extra_args, seed=seed + i)
-            step_callback = None
-            if callback is not None:
-                step_callback = (lambda d, i=i: callback(i, d["denoised"], d["x"], steps))
-            x = self.inner.sampler_function(model_k, x, sigmas[i:i + 2], extra_args=step_args, callback=step_callback,
-                                            disable=True, **self.inner.extra_options)
-            if mask_function is not None:
-                mask = mask_function(sigmas[i:i + 1].expand(x.shape[0]), denoise_mask, {"model": model_wrap, "sigmas": sigmas})
-            if float(sigmas[i + 1]) == 0.0:
-                background = latent_image
-            else:
-                background = model_sampling.noise_scaling(sigmas[i + 1], noises.for_step(i + 1), latent_image)
-            x = algo.blend_background(x, mask, background)
-            if self.step_callback is not None:
-                self.step_callback(i, x, mask)
-        self.final_mask = mask
-        return model_sampling.inverse_noise_scaling(sigmas[-1], x)
-
 
 class BlendedLatentSampler(io.ComfyNode):
     @classmethod
@@ -223,9 +150,9 @@ class BlendedLatentSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper: 50 DDIM steps)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (the paper's SD scripts: 7.5)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim",
+                io.Combo.Input("sampler_name", options=glue.sampler_names(), default="ddim",
                                tooltip="Inner sampler, run one step at a time (multistep samplers act as first-order)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+                io.Combo.Input("scheduler", options=glue.scheduler_names(), default="ddim_uniform",
                                tooltip="Noise schedule."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the schedule to run: 1.0 starts from pure noise in the mask; the SD "
@@ -244,16 +171,11 @@ class BlendedLatentSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
                 fresh_noise, threshold, mask=None) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.sample
-        import comfy.utils
-        import latent_preview
-
         node = "MC_BlendedLatentSampler"
         source = latent_image["samples"]
         if source.ndim != 4:
             raise NodeInputError(node, "latent_image", f"expects an image latent [B, C, H, W], got shape {tuple(source.shape)}")
-        source = comfy.sample.fix_empty_latent_channels(model, source)
+        source = glue.fix_empty_latent_channels(model, source)
         if mask is None:
             mask = latent_image.get("noise_mask")
             if mask is None:
@@ -273,24 +195,8 @@ class BlendedLatentSampler(io.ComfyNode):
         if not bool(latent_mask.any()):
             logging.warning("[More Control] %s: the mask is empty after thresholding at %s; the result is the source", node, threshold)
 
-        ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
-                                           scheduler=scheduler, denoise=denoise, model_options=model.model_options)
-        sigmas = ksampler.sigmas
-        if sigmas.numel() < 2:
-            return io.NodeOutput({**latent_image, "samples": source.clone()})
-        noise = comfy.sample.prepare_noise(source, seed, latent_image.get("batch_index"))
-        sampler = BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh_noise, seed)  # mask already binary
-        preview = latent_preview.prepare_callback(model, sigmas.numel() - 1)
-        samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, sigmas,
-                                        model_options=model.model_options, latent_image=source,
-                                        denoise_mask=latent_mask[:, None], callback=preview,
-                                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        samples = samples.to(comfy.model_management.intermediate_device())
-        # The sampler works on the model's scaled latent (process_latent_in/out), whose round trip is not
-        # exact in floating point: paste the caller's own latent outside the final mask, bit for bit.
-        final = sampler.final_mask.to(samples.device)
-        final = comfy.utils.repeat_to_batch_size(final, batch)
-        samples = torch.where(final > 0, samples, source.to(samples.dtype))
+        samples = glue.blended_sample(model, positive, negative, source, latent_mask, seed, steps, cfg, sampler_name,
+                                      scheduler, denoise, fresh_noise, latent_image.get("batch_index"))
         return io.NodeOutput({**latent_image, "samples": samples})
 
 
@@ -319,7 +225,7 @@ class BlendedSamplerWrapper(io.ComfyNode):
         if not callable(getattr(sampler, "sampler_function", None)):
             raise NodeInputError("MC_BlendedSampler", "sampler", f"{type(sampler).__name__} is not a k-diffusion sampler "
                                  "(use KSamplerSelect or a node that outputs one)")
-        return io.NodeOutput(BlendedSampler(sampler, fresh_noise, None, threshold=threshold))
+        return io.NodeOutput(glue.BlendedSampler(sampler, fresh_noise, None, threshold=threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,35 +248,6 @@ def _reconstruction_inputs(node: str, vae, latent: dict, source_image: torch.Ten
     if masks.shape[-2:] != (height, width):
         masks = _masks_for(node, masks, batch, height, width, 0.5)
     return z, source, masks
-
-
-def _progress(total_steps: int):
-    """A ComfyUI progress bar over all optimisation steps of a node, that also lets the user cancel."""
-    import comfy.model_management
-    import comfy.utils
-
-    bar = comfy.utils.ProgressBar(total_steps)
-
-    def on_step(_):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update(1)
-
-    return on_step
-
-
-def _decoder_copy(vae):
-    """A throw-away float32 copy of the VAE's autoencoder (never the user's), its decode function,
-    and the parameters the paper fine-tunes (the decoder's)."""
-    import comfy.model_management
-
-    device = vae.device if vae.device is not None else comfy.model_management.get_torch_device()
-    model = algo.throwaway_copy(vae.first_stage_model, device)
-    model.requires_grad_(False)
-    decoder = getattr(model, "decoder", model)
-    params = list(decoder.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return model, model.decode, params, device
 
 
 class DecoderFineTune(io.ComfyNode):
@@ -403,12 +280,12 @@ class DecoderFineTune(io.ComfyNode):
         node = "MC_DecoderFineTune"
         z, source, masks = _reconstruction_inputs(node, vae, latent, source_image, mask, threshold)
         images = []
-        on_step = _progress(steps * z.shape[0])
+        on_step = glue.progress_callback(steps * z.shape[0])
         with gradients_enabled():
             for b in range(z.shape[0]):
                 # A fresh copy per image: each edit gets its own decoder, as in the paper's code, which
                 # restores the decoder after every image.
-                model, decode, params, device = _decoder_copy(vae)
+                model, decode, params, device = glue.decoder_copy(vae)
                 zb = outside_inference(z[b:b + 1]).to(device, torch.float32)
                 xb = vae.process_input(outside_inference(source[b:b + 1])).movedim(-1, 1).to(device, torch.float32)
                 mb = outside_inference(masks[b:b + 1])[:, None].to(device, torch.float32)
@@ -450,9 +327,9 @@ class LatentOptimization(io.ComfyNode):
         node = "MC_LatentOptimization"
         z, source, masks = _reconstruction_inputs(node, vae, latent, source_image, mask, threshold)
         images, latents = [], []
-        on_step = _progress(steps * z.shape[0])
+        on_step = glue.progress_callback(steps * z.shape[0])
         with gradients_enabled():
-            model, decode, _, device = _decoder_copy(vae)
+            model, decode, _, device = glue.decoder_copy(vae)
             model.requires_grad_(False)
             for b in range(z.shape[0]):
                 zb = outside_inference(z[b:b + 1]).to(device, torch.float32)

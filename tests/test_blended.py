@@ -133,7 +133,7 @@ def test_background_is_the_source_latent_exactly(blended, algo, tiny_sd15, conds
     assert (out[~outside] - source[~outside]).abs().mean() > 0.1  # the edit happened inside
 
 
-def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(blended, algo, tiny_sd15, conds):
+def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(glue, algo, tiny_sd15, conds):
     """After step t -> t_prev the background is noise(z_init, t_prev) = z_init + sigma_prev * eps with a new
     eps every step (Alg. 1); with fresh_noise off it is the one initial noise, as ComfyUI's own blend."""
     import comfy.sample
@@ -146,7 +146,7 @@ def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(blended, algo, 
     outside = mask == 0
     for fresh in (True, False):
         records = []
-        sampler = blended.BlendedSampler(comfy.samplers.sampler_object("euler"), fresh, 11,
+        sampler = glue.BlendedSampler(comfy.samplers.sampler_object("euler"), fresh, 11,
                                          step_callback=lambda i, x, m: records.append(x.clone()))
         noise = comfy.sample.prepare_noise(source, 11)
         comfy.samplers.sample(tiny_sd15, noise, conds[0], conds[1], 5.0, "cpu", sampler, sigmas, latent_image=source,
