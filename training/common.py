@@ -88,6 +88,8 @@ class Run:
         if not history and (self.out / f"{stem}_loss.png").exists():  # keep the earlier curve
             part = len(self.previous_runs)
             (self.out / f"{stem}_loss.png").rename(self.out / f"{stem}_loss_part{part}.png")
+            if prev:
+                prev["loss_curve"] = f"{stem}_loss_part{part}.png"
         print(f"[{self.name}] resuming after {self.step_offset} steps / {self.seconds_offset / 60:.1f} min", flush=True)
         return True
 
