@@ -14,8 +14,8 @@ _CACHE: dict = {}
 
 def load(weights: str, seed: int) -> dict:
     """The bundle, cached per (weights, seed, files on disk) so several loaders share one copy."""
-    status = models.weights_status()
-    key = (weights, seed, tuple(sorted(status.items())))
+    files = [models.WEIGHTS_DIR / f for f in (models.VAE_FILE, models.CLIP_FILE, models.UNET_FILE)]
+    key = (weights, seed, tuple(f.stat().st_mtime if f.exists() else None for f in files))
     if key not in _CACHE:
         _CACHE.clear()
         mode = "trained" if weights == WEIGHT_OPTIONS[0] else "random"
