@@ -25,13 +25,22 @@ def artifacts() -> pathlib.Path:
     return ARTIFACTS
 
 
+def run_coroutine(coroutine):
+    """asyncio.run in a thread of its own: the test thread may hold a running event loop
+    (Playwright's sync API keeps one while a browser is open)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 @pytest.fixture(scope="session")
 def comfy_nodes():
     """ComfyUI's `nodes` module with its built-in extra nodes and the custom nodes of the base
     directory (only this pack) loaded by ComfyUI's own loader."""
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    run_coroutine(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     return nodes
 
 
@@ -87,12 +96,18 @@ def executor(comfy_nodes):
 @pytest.fixture(scope="session")
 def run_prompt(executor):
     """Validate and execute an API-format prompt in-process; returns the ui outputs by node id.
-    A failed run raises with ComfyUI's own error message."""
+    A failed run raises with ComfyUI's own error message.
+
+    Like ComfyUI's own prompt worker, the executor runs in a thread of its own: the test thread may
+    hold a running event loop (Playwright's sync API keeps one while a browser is open)."""
+    import concurrent.futures
     import uuid
 
     import execution
 
-    def run(prompt: dict) -> dict:
+    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt_worker")
+
+    def execute(prompt: dict) -> dict:
         valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         # ComfyUI accepts a prompt when any output is valid and drops the broken branches: a test
         # must see those errors, not a partial run.
@@ -104,7 +119,8 @@ def run_prompt(executor):
             raise RuntimeError(errors[-1][1] if errors else executor.status_messages)
         return executor.history_result["outputs"]
 
-    return run
+    yield lambda prompt: worker.submit(execute, prompt).result()
+    worker.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import comfy_harness
+from conftest import run_coroutine
 
 SRC = comfy_harness.PACK_DIR / "workflows" / "src"
 
@@ -78,13 +79,12 @@ def test_edit_workflows_run(run_prompt, name, save_node):
 
 def test_bad_shrink_schedule_is_rejected_before_running(comfy_nodes):
     """ComfyUI's own validation reports the node's message (and skips the outputs that depend on it)."""
-    import asyncio
     import uuid
 
     import execution
 
     graph = load("blended_thin_mask.api.json", MC_ProgressiveMaskShrink={"kernels": "7,6,3,1"})
-    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), graph, None))
+    valid = run_coroutine(execution.validate_prompt(str(uuid.uuid4()), graph, None))
     errors = json.dumps(valid[3])
     assert "MC_ProgressiveMaskShrink: kernels/parts: kernels must be odd" in errors
     assert "17" not in valid[2]  # the edit's SaveImage does not run
