@@ -27,7 +27,8 @@ def test_segfree_benchmark_prints_the_ratio(tmp_path):
 def test_shapes_report_writes_every_table(tmp_path):
     out = run([str(BENCH / "shapes_report.py"), "--quick", "--weights", "random (untrained)", "--out", str(tmp_path / "results.md")], tmp_path)
     report = (tmp_path / "results.md").read_text()
-    for heading in ("## Base text-to-image", "## Segmentation-free vs classifier-free guidance", "## Semantic-guidance measures"):
+    for heading in ("## Base text-to-image", "## Segmentation-free vs classifier-free guidance", "## Blended latent editing",
+                    "## Semantic-guidance measures"):
         assert heading in report and heading in out
     assert (tmp_path / "results_segfree_vs_cfg.png").is_file()
     stats = json.loads((tmp_path / "results.json").read_text())
