@@ -94,7 +94,8 @@ def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: b
     t0 = time.time()
     thumb = WORKFLOWS / f"{name}.jpg"
     entry = server.run_api_prompt(back, workflow=ui)
-    images = server.output_images(entry)
+    # the saved image of the lowest node id: the same choice however the server ordered its outputs
+    images = sorted(server.output_images(entry), key=lambda i: (int(i[0]) if str(i[0]).isdigit() else 1e9, i[1]["filename"]))
     if images:
         save_jpeg(images[0][2], thumb)
         log(f"{thumb.relative_to(PACK_DIR)}: first output image of node {images[0][0]} ({time.time() - t0:.1f} s)")
