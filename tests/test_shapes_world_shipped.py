@@ -11,6 +11,7 @@ import comfy_harness
 
 WEIGHTS = comfy_harness.PACK_DIR / "models" / "shapes_world"
 MAX_MB = 31
+MIN_T2I_HITS = 2  # of 8 single-object prompts; the shipped 65-min UNet gets 3 (random weights: 0)
 
 
 def need(name):
@@ -92,3 +93,41 @@ def test_shipped_unet_denoises_better_than_random(pack_module):
     print(f"held-out eps MSE: shipped {errors['shipped']:.4f}, random {errors['random']:.4f}")
     assert errors["shipped"] < 0.5 * errors["random"]
     assert errors["shipped"] < 0.5
+
+
+def test_shipped_text_to_image_workflow(run_prompt, pack_module):
+    """The standard graph (loader -> CLIPTextEncode -> KSampler on EmptyLatentImage 128x128 ->
+    VAEDecode) through ComfyUI's executor; the detector checks the pictures for the prompted object."""
+    for name in ("vae", "clip", "unet"):
+        need(name)
+    import folder_paths
+    from PIL import Image
+    detector = pack_module("nodes.shapes_world.detector")
+    world = pack_module("nodes.shapes_world.world")
+    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle",
+               "a purple square", "an orange triangle", "a cyan circle", "a pink square"]
+    hits = 0
+    for i, text in enumerate(prompts):
+        graph = {
+            "1": {"class_type": "MC_ShapesWorldLoader", "inputs": {"weights": "trained", "seed": 0}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0], "seed": 100 + i, "steps": 20,
+                                                       "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                                                       "denoise": 1.0}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        }
+        out = run_prompt(graph)
+        info = out["7"]["images"][0]
+        path = folder_paths.get_directory_by_type(info["type"]) + "/" + info["subfolder"] + "/" + info["filename"]
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert image.shape == (128, 128, 3) and image.std() > 5  # not a flat picture
+        found = detector.detect(image)
+        ok = detector.prompt_satisfied(world.parse_caption(text), found)
+        hits += ok
+        print(f"{text!r}: found {[(d.colour, d.shape) for d in found]} -> {'OK' if ok else 'miss'}")
+    print(f"prompted object found in {hits}/{len(prompts)} pictures")
+    assert hits >= MIN_T2I_HITS
