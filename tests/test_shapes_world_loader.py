@@ -1,11 +1,6 @@
 """MC_ShapesWorldLoader through ComfyUI's own loader and executor, with ComfyUI's standard nodes."""
 import torch
 
-# ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, after which `import server` finds
-# comfy/utils.py as `utils` instead of ComfyUI's utils/ package. main.py imports server first;
-# do the same before the fixtures import nodes. (Belongs in comfy_harness; reported to the lead.)
-import utils.install_util  # noqa: E402,F401
-
 
 def t2i_prompt(weights="trained", steps=2, text="a red circle to the left of a small blue square"):
     return {
