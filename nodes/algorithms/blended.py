@@ -182,6 +182,23 @@ class ReconstructionResult:
     losses: list[float]
 
 
+def _adam_steps(parameters: list, decode: Callable[[], torch.Tensor], target: torch.Tensor, source: torch.Tensor,
+                mask: torch.Tensor, steps: int, lr: float, background_weight: float,
+                on_step: Callable[[int], None] | None) -> list[float]:
+    """Adam on `parameters` against the reconstruction loss of `decode()`; the losses per step."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = reconstruction_loss(decode(), target, source, mask, background_weight)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses))
+    return losses
+
+
 def finetune_decoder(decoder: torch.nn.Module, parameters: Iterable[torch.nn.Parameter], latent: torch.Tensor,
                      source: torch.Tensor, mask: torch.Tensor, steps: int = 75, lr: float = 1e-4,
                      background_weight: float = 100.0, edited_target: torch.Tensor | None = None,
@@ -195,16 +212,7 @@ def finetune_decoder(decoder: torch.nn.Module, parameters: Iterable[torch.nn.Par
     after each step (progress, cancellation)."""
     with torch.no_grad():
         target = decoder(latent) if edited_target is None else edited_target
-    optimizer = torch.optim.Adam(list(parameters), lr=lr)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = reconstruction_loss(decoder(latent), target, source, mask, background_weight)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(len(losses))
+    losses = _adam_steps(list(parameters), lambda: decoder(latent), target, source, mask, steps, lr, background_weight, on_step)
     with torch.no_grad():
         image = decoder(latent)
     return ReconstructionResult(image, None, losses)
@@ -221,16 +229,7 @@ def optimize_latent(decoder: torch.nn.Module, latent: torch.Tensor, source: torc
     with torch.no_grad():
         target = decoder(latent) if edited_target is None else edited_target
     z = latent.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = reconstruction_loss(decoder(z), target, source, mask, background_weight)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(len(losses))
+    losses = _adam_steps([z], lambda: decoder(z), target, source, mask, steps, lr, background_weight, on_step)
     with torch.no_grad():
         image = decoder(z)
     return ReconstructionResult(image, z.detach(), losses)
