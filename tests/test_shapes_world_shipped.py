@@ -32,9 +32,11 @@ def test_shipped_vae_reconstructs(pack_module):
     vae = models.build_vae(models.load_weights(path))
     images, _ = world.batch(range(world.HELD_OUT_SEED_START + 9000, world.HELD_OUT_SEED_START + 9016))
     x = torch.from_numpy(images).float() / 255
-    rec_x = vae.decode(vae.encode(x))  # ComfyUI's VAEEncode/VAEDecode path
+    with torch.no_grad():  # as under ComfyUI's executor
+        rec_x = vae.decode(vae.encode(x))  # ComfyUI's VAEEncode/VAEDecode path
     psnr = float((10 * torch.log10(1 / ((rec_x - x) ** 2).mean(dim=(1, 2, 3)))).mean())
-    z = vae.encode(x) * rec["scale_factor"]
+    with torch.no_grad():
+        z = vae.encode(x) * rec["scale_factor"]
     print(f"VAE held-out PSNR {psnr:.2f} dB; scaled latent std {float(z.std()):.3f}")
     assert psnr > 20.0
     assert 0.6 < float(z.std()) < 1.6
