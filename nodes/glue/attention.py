@@ -231,8 +231,14 @@ def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
         args["model"], args["conds"], args["input"], args["sigma"], args["model_options"]))
     maps_cache: dict = {}
 
+    switch_sigmas: dict = {}  # model_sampling -> sigma of start_percent, computed once, not twice per step
+
     def after_switch(sigma, model) -> bool:
-        return float(sigma.max()) <= model.model_sampling.percent_to_sigma(settings.start_percent)
+        sampling = model.model_sampling
+        if sampling not in switch_sigmas:
+            switch_sigmas.clear()
+            switch_sigmas[sampling] = sampling.percent_to_sigma(settings.start_percent)
+        return float(sigma.max()) <= switch_sigmas[sampling]
 
     def token_maps(positive, device) -> dict:
         maps = {}
