@@ -16,6 +16,18 @@ Choices the paper leaves open, made here and exposed to the user:
   together when a word map is known: the argmax picks a token, its whole word is scaled;
 * end-of-text and padding tokens are candidates only when asked (SD1.x pads with repeated
   end tokens, which often win the argmax while carrying no single word's meaning).
+
+Joint attention (SD3's MMDiT, Flux's double-stream blocks): image and text tokens form one
+sequence and every query attends to every key. The paper's cross-attention weights are the
+image-query-to-text-key block of that softmax (the softmax runs over text and image keys
+together, as the model computes it). Only that block is edited, A'[p, s(p)] = -a · A[p, s(p)]
+for image queries p; text queries and image-to-image weights are untouched, nothing is
+renormalised. The edited output is the plain fused attention plus a correction,
+      out'_p = out_p + (-a - 1) Σ_{j ∈ s(p) and its word} A[p, j] V_j,
+which needs the image-to-text block only (N_img × T), never the N × N matrix
+(`image_to_text_weights`).
+T5 has no BOS token; nothing is excluded by position there. With the default candidates the
+end token and the padding are excluded (as SD1's end/padding), so s(p) is a prompt word.
 """
 from __future__ import annotations
 
@@ -35,24 +47,35 @@ class TokenMap:
     """
     candidates: torch.Tensor
     words: torch.Tensor
+    # candidates when end/padding tokens may win too (every position but a BOS); None: all but
+    # the BOS of each 77-token chunk (the CLIP layout)
+    with_specials: torch.Tensor | None = None
 
     def fit(self, length: int, device) -> "TokenMap":
         """Match a context length: ComfyUI repeats a shorter context when it batches prompts of
         different lengths together, so the map is repeated the same way."""
         n = self.candidates.shape[0]
+        reps = 1
         if n != length:
             if length % n:
                 raise ValueError(f"token map of length {n} does not fit a context of length {length}")
             reps = length // n
-            return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device))
-        return TokenMap(self.candidates.to(device), self.words.to(device))
+        specials = None if self.with_specials is None else self.with_specials.repeat(reps).to(device)
+        return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device), specials)
+
+    def including_specials(self) -> "TokenMap":
+        """The same words, with end and padding tokens as candidates too (never a BOS)."""
+        specials = self.with_specials if self.with_specials is not None else default_token_map(self.candidates.shape[0]).candidates
+        return TokenMap(specials.to(self.candidates.device), self.words, specials)
 
 
-def default_token_map(length: int, chunk: int = 77) -> TokenMap:
-    """Without the prompt's tokens: every position but the BOS of each 77-token chunk."""
+def default_token_map(length: int, chunk: int | None = 77) -> TokenMap:
+    """Without the prompt's tokens: every position but the BOS of each 77-token chunk (CLIP
+    contexts), or every position (chunk None: T5-style contexts, which have no BOS)."""
     candidates = torch.ones(length, dtype=torch.bool)
-    candidates[::chunk] = False
-    return TokenMap(candidates, torch.zeros(length, dtype=torch.long))
+    if chunk:
+        candidates[::chunk] = False
+    return TokenMap(candidates, torch.zeros(length, dtype=torch.long), candidates.clone())
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,18 +127,69 @@ def segfree_combine(cond: torch.Tensor, modified: torch.Tensor, segfree_cfg: flo
 
 
 # ---------------------------------------------------------------------------------------------
+# Joint attention (MMDiT / Flux double-stream): tensors are (B, H, L, D), one sequence holding
+# the text tokens (positions `text`) and the image tokens (positions `image`).
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fused attention softmax(q kᵀ/√d) v, (B, H, L, D) -> (B, H, L, D)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def image_to_text_weights(q: torch.Tensor, k: torch.Tensor, text: slice, image: slice, attention=sdpa) -> torch.Tensor:
+    """A[p, j] for image queries p and text keys j, where the softmax runs over every key (text
+    and image), as in the model: (B, H, N_img, T) in float32.
+
+    Without the N × N matrix: the text logits are explicit (N_img × T), and their share of each
+    row's softmax mass, Σ_{j ∈ text} A[p, j], is one fused attention call whose values are the
+    text-key indicator. A[p, j] = share_p · softmax over the text logits alone."""
+    q_img = q[:, :, image]
+    logits = (q_img.float() @ k[:, :, text].float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    indicator = torch.zeros_like(k)
+    indicator[:, :, text, 0] = 1.0
+    share = attention(q_img, k, indicator)[..., 0].float()
+    return torch.softmax(logits, dim=-1) * share.unsqueeze(-1)
+
+
+def joint_segfree_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, image: slice,
+                             segfree_scale: float, token_map: TokenMap, per_head: bool = False,
+                             attention=sdpa) -> torch.Tensor:
+    """What the ε̄ pass adds to the plain joint attention output of the image queries:
+    (-a - 1) Σ_{j selected} A[p, j] V_j, with s(p) (eq. 9) and its word selected among the text
+    keys. (B, H, N_img, D) in float32; text queries get no correction."""
+    weights = image_to_text_weights(q, k, text, image, attention)
+    selected = selected_positions(most_attended(weights, token_map, per_head), token_map)
+    edit = weights * selected * (-float(segfree_scale) - 1.0)
+    return edit @ v[:, :, text].float()
+
+
+def joint_segfree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, image: slice,
+                            segfree_scale: float, token_map: TokenMap, per_head: bool = False,
+                            attention=sdpa) -> torch.Tensor:
+    """The modified joint attention of the ε̄ pass, (B, H, L, D) in v's dtype."""
+    out = attention(q, k, v).clone()
+    correction = joint_segfree_correction(q, k, v, text, image, segfree_scale, token_map, per_head, attention)
+    out[:, :, image] += correction.to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The implied segmentation (what MC_SegmentationMap shows)
 
-def accumulate_word_scores(weights: torch.Tensor, token_map: TokenMap, latent_hw: tuple[int, int]) -> torch.Tensor:
+def accumulate_word_scores(weights: torch.Tensor, token_map: TokenMap, latent_hw: tuple[int, int],
+                           grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Head-averaged attention summed per word, upsampled to the latent grid.
 
-    weights (B, H, N, L) of one module whose N patches tile the latent at a lower resolution.
+    weights (B, H, N, L) of one module whose N patches tile the latent at a lower resolution
+    (`grid` rows x columns when known, as for DiT patches; else guessed from N).
     Returns (B, W, h, w) where W = number of words + 1; index 0 gathers the candidate tokens
     that belong to no word (end/padding), so the per-word channels start at 1."""
     b, _, n, _ = weights.shape
     lat_h, lat_w = latent_hw
-    factor = math.sqrt(lat_h * lat_w / n)
-    grid_h, grid_w = max(1, round(lat_h / factor)), max(1, round(lat_w / factor))
+    if grid is None:
+        factor = math.sqrt(lat_h * lat_w / n)
+        grid_h, grid_w = max(1, round(lat_h / factor)), max(1, round(lat_w / factor))
+    else:
+        grid_h, grid_w = grid
     mean = weights.mean(dim=1)  # (B, N, L)
     words = token_map.words.clone()
     words[~token_map.candidates] = -1

@@ -5,6 +5,8 @@ ComfyUI's internals is mended here once:
   glue (this module)   clear input errors, leaving inference mode, model access
   glue.attention       cross-attention sites, prompt token maps, the shared attn2 replacement,
                        segmentation-free guidance as a MODEL patch and as a GUIDER
+  glue.joint_attention the same hook on SD3/Flux joint attention (dit block replacements and
+                       ComfyUI's attention override)
   glue.sampling        masked sampling: the denoise-mask hook, the blended sampler, progress
                        bars, throw-away VAE copies
 Their public names are re-exported here (`glue.apply_segfree_guidance`, ...).
@@ -102,4 +104,5 @@ def existing_attn2_replacement(model_patcher, site: CrossAttentionSite):
 from .attention import *  # noqa: E402,F401,F403
 from .attention import SEGFREE_KEY, SEGMAP_KEY, TOKEN_MAP_KEY  # noqa: E402,F401
 from .sampling import *  # noqa: E402,F401,F403
-
+from .joint_attention import *  # noqa: E402,F401,F403
+from .guidance import *  # noqa: E402,F401,F403

@@ -17,33 +17,167 @@ from . import CrossAttentionSite, NodeInputError, cross_attention_sites, existin
 TOKEN_MAP_KEY = "mc_token_map"
 
 
-def token_map_from_tokens(tokenizer, tokens: dict) -> segfree_algo.TokenMap:
-    """Build the TokenMap of a tokenized prompt (ComfyUI's `clip.tokenize` output: per encoder
-    key, a list of 77-token chunks of (token, weight) pairs). Words are recovered from the
-    BPE vocabulary, whose word-final pieces end in '</w>'; embeddings (textual inversion) are
-    words of their own. Several chunks (prompts over 75 tokens) are concatenated as ComfyUI
-    concatenates their contexts."""
-    key = next((k for k in ("l", "g", "h") if k in tokens), next(iter(tokens)))
-    sub = getattr(tokenizer, getattr(tokenizer, "clip", f"clip_{key}"), None) or getattr(tokenizer, f"clip_{key}", None)
+CLIP_KEYS = ("l", "g", "h")  # ComfyUI's tokenizer output keys of CLIP encoders, in preference order
+T5_KEYS = ("t5xxl",)
+
+
+def _sub_tokenizer(tokenizer, key: str):
+    """The SDTokenizer behind one key of a tokenizer's output ("l" -> clip_l, "t5xxl" -> t5xxl)."""
+    for name in (getattr(tokenizer, "clip", None), f"clip_{key}", key):
+        sub = getattr(tokenizer, name, None) if name else None
+        if sub is not None and hasattr(sub, "inv_vocab"):
+            return sub
+    return None
+
+
+@dataclass
+class _Part:
+    """One encoder's share of the context: per position a candidate flag, a candidate flag with
+    end/padding allowed, a word index (0 for specials), and the text of each word."""
+    candidates: list
+    with_specials: list
+    words: list
+    word_texts: list
+
+
+def _read_part(sub, chunks, t5_style: bool) -> _Part:
+    """Walk one encoder's token chunks. CLIP BPE marks a word's last piece with '</w>';
+    SentencePiece (T5) marks a word's first piece with '▁'. Embeddings (textual inversion,
+    not ints) are words of their own."""
     specials = {getattr(sub, name, None) for name in ("start_token", "end_token", "pad_token")} - {None}
+    start = getattr(sub, "start_token", None)
     inv_vocab = getattr(sub, "inv_vocab", {})
-    candidates, words, word = [], [], 0
+    part = _Part([], [], [], [])
     open_word = False
-    for chunk in tokens[key]:
+    for chunk in chunks:
         for pair in chunk:
             token = pair[0]
             if isinstance(token, int) and token in specials:
-                candidates.append(False)
-                words.append(0)
+                part.candidates.append(False)
+                part.with_specials.append(token != start)
+                part.words.append(0)
                 open_word = False
                 continue
-            if not open_word:
-                word += 1
-            candidates.append(True)
-            words.append(word)
-            piece = inv_vocab.get(token, "</w>") if isinstance(token, int) else "</w>"
-            open_word = not piece.endswith("</w>")
-    return segfree_algo.TokenMap(torch.tensor(candidates, dtype=torch.bool), torch.tensor(words, dtype=torch.long))
+            piece = inv_vocab.get(token, "") if isinstance(token, int) else None
+            if piece is None:  # an embedding
+                starts, ends, text = True, True, "<emb>"
+            elif t5_style:
+                starts, ends, text = piece.startswith("\u2581") or not open_word, False, piece.replace("\u2581", "")
+            else:
+                starts, ends, text = not open_word, piece.endswith("</w>"), piece.replace("</w>", "")
+            if starts or not part.word_texts:
+                part.word_texts.append(text)
+            else:
+                part.word_texts[-1] += text
+            part.candidates.append(True)
+            part.with_specials.append(True)
+            part.words.append(len(part.word_texts))
+            open_word = not ends
+    return part
+
+
+def _normalised(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+def _align(clip: _Part, t5: _Part) -> list | None:
+    """For each T5 word, the CLIP word index it matches (1-based), or None when the two
+    tokenizations cannot be matched. CLIP splits punctuation into words of its own and
+    lower-cases; a T5 word may so span several CLIP words (then it takes the first one's index,
+    and the later ones are merged into it by the caller)."""
+    mapping = []
+    i = 0
+    for t5_text in t5.word_texts:
+        target = _normalised(t5_text)
+        if not target:  # a punctuation-only T5 word: attach it to the previous word
+            mapping.append(mapping[-1] if mapping else None)
+            continue
+        acc, first = "", None
+        while i < len(clip.word_texts) and len(acc) < len(target):
+            piece = _normalised(clip.word_texts[i])
+            i += 1
+            if not piece:
+                continue
+            first = first or i
+            acc += piece
+        if acc != target:
+            return None
+        mapping.append(first)
+    return mapping
+
+
+def _token_parts(tokenizer, tokens: dict) -> tuple[dict, list]:
+    """The CLIP and T5 parts of a tokenized prompt, with one word numbering shared by both when
+    their words match (so a word is edited in both encoders' tokens at once), and the words."""
+    clip_key = next((k for k in CLIP_KEYS if k in tokens), None)
+    t5_key = next((k for k in T5_KEYS if k in tokens), None)
+    if clip_key is None and t5_key is None:
+        clip_key = next(iter(tokens))
+    parts = {}
+    if clip_key is not None:
+        parts["clip"] = _read_part(_sub_tokenizer(tokenizer, clip_key), tokens[clip_key], t5_style=False)
+    if t5_key is not None:
+        parts["t5"] = _read_part(_sub_tokenizer(tokenizer, t5_key), tokens[t5_key], t5_style=True)
+    if "clip" in parts and "t5" in parts:
+        clip, t5 = parts["clip"], parts["t5"]
+        mapping = _align(clip, t5)
+        if mapping is not None and all(m is not None for m in mapping):
+            # merge CLIP words that one T5 word spans ("dog" "," <- "dog,"): renumber CLIP words
+            # by the T5 word they belong to
+            clip_to_t5 = {}
+            for j, first in enumerate(mapping, start=1):
+                clip_to_t5.setdefault(first, j)
+            current, renumber = 1, {}
+            for w in range(1, len(clip.word_texts) + 1):
+                current = clip_to_t5.get(w, current)
+                renumber[w] = current
+            clip.words = [renumber.get(w, 0) if w else 0 for w in clip.words]
+            words = t5.word_texts
+        else:
+            offset = len(clip.word_texts)
+            t5.words = [w + offset if w else 0 for w in t5.words]
+            words = clip.word_texts + t5.word_texts
+        return parts, words
+    only = next(iter(parts.values()))
+    return parts, only.word_texts
+
+
+def _as_map(*parts: _Part) -> segfree_algo.TokenMap:
+    return segfree_algo.TokenMap(torch.tensor([c for p in parts for c in p.candidates], dtype=torch.bool),
+                                 torch.tensor([w for p in parts for w in p.words], dtype=torch.long),
+                                 torch.tensor([c for p in parts for c in p.with_specials], dtype=torch.bool))
+
+
+def token_map_from_tokens(tokenizer, tokens: dict, length: int | None = None, uses_t5: bool = True) -> segfree_algo.TokenMap | None:
+    """The TokenMap of a tokenized prompt (ComfyUI's `clip.tokenize` output: per encoder key, a
+    list of token chunks of (token, weight) pairs; weights do not matter here). Several CLIP
+    chunks (prompts over 75 tokens) are concatenated as ComfyUI concatenates their contexts.
+
+    The context layout follows ComfyUI's encoders: SD1/SDXL contexts are CLIP's; SD3's are
+    CLIP-L/G then T5-XXL along the sequence (CLIP only without a T5, T5 only without CLIPs);
+    Flux's are T5-XXL's alone (its CLIP-L only gives the pooled vector). Given the context
+    `length`, the layout that has it is returned (None if none has); without a length, the
+    CLIP part (the SD1/SDXL layout)."""
+    parts, _ = _token_parts(tokenizer, tokens)
+    clip, t5 = parts.get("clip"), parts.get("t5")
+    if length is None:
+        return _as_map(clip or t5)
+    layouts = []
+    if uses_t5 and clip is not None and t5 is not None:
+        layouts.append((clip, t5))
+    if uses_t5 and t5 is not None:
+        layouts.append((t5,))
+    if clip is not None:
+        layouts.append((clip,))
+    for layout in layouts:
+        if sum(len(p.candidates) for p in layout) == length:
+            return _as_map(*layout)
+    return None
+
+
+def prompt_words(tokenizer, tokens: dict) -> list[str]:
+    """The words of a tokenized prompt, in TokenMap word order (word index i+1 -> words[i])."""
+    return _token_parts(tokenizer, tokens)[1]
 
 
 class _TokenMapCLIPMixin:
@@ -52,12 +186,16 @@ class _TokenMapCLIPMixin:
     placed after it keeps the behaviour."""
 
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict={}, show_pbar=True):
-        add = dict(add_dict)
+        out = super().encode_from_tokens_scheduled(tokens, unprojected=unprojected, add_dict=add_dict, show_pbar=show_pbar)
+        uses_t5 = getattr(self.cond_stage_model, "t5xxl", None) is not None
         try:
-            add[TOKEN_MAP_KEY] = token_map_from_tokens(self.tokenizer, tokens)
+            for cond, extra in out:
+                token_map = token_map_from_tokens(self.tokenizer, tokens, cond.shape[1], uses_t5)
+                if token_map is not None:
+                    extra[TOKEN_MAP_KEY] = token_map
         except Exception:  # an exotic tokenizer: the attention edit falls back to its default map
             logging.warning("[More Control] could not read the prompt's tokens; all tokens but BOS are candidates")
-        return super().encode_from_tokens_scheduled(tokens, unprojected=unprojected, add_dict=add, show_pbar=show_pbar)
+        return out
 
     def clone(self):
         n = super().clone()
@@ -80,10 +218,12 @@ def clip_with_token_maps(clip):
     return n
 
 
-def conditioning_token_map(cond_dict: dict, length: int) -> segfree_algo.TokenMap:
+def conditioning_token_map(cond_dict: dict, length: int, joint: bool = False) -> segfree_algo.TokenMap:
+    """The prompt's TokenMap, or without one every position but CLIP chunks' BOS (UNets) or
+    every position (joint-attention models, whose T5 context has no BOS)."""
     token_map = cond_dict.get(TOKEN_MAP_KEY)
     if token_map is None or length % token_map.candidates.shape[0]:
-        return segfree_algo.default_token_map(length)
+        return segfree_algo.default_token_map(length, None if joint else 77)
     return token_map
 
 
@@ -107,13 +247,14 @@ class SegfreeStep:
 class SegmapRecorder:
     """Sums the head-averaged attention per word over modules and calls, on the latent grid."""
 
-    def __init__(self, token_map: segfree_algo.TokenMap):
+    def __init__(self, token_map: segfree_algo.TokenMap, latent_hw=None):
         self.token_map = token_map
+        self.latent_hw = latent_hw
         self.total = None
 
-    def add(self, weights: torch.Tensor, latent_hw):
+    def add(self, weights: torch.Tensor, latent_hw=None, grid=None):
         token_map = self.token_map.fit(weights.shape[-1], weights.device)
-        scores = segfree_algo.accumulate_word_scores(weights, token_map, latent_hw).cpu()
+        scores = segfree_algo.accumulate_word_scores(weights, token_map, latent_hw or self.latent_hw, grid).cpu()
         self.total = scores if self.total is None else self.total + scores
 
 
@@ -181,17 +322,23 @@ def make_attn2_replacement(previous=None):
     return attn2
 
 
-def install_attention_hook(model_patcher, node: str):
-    """Clone the MODEL and put the shared attn2 replacement at every cross-attention site,
-    wrapping any replacement already there. Raises a NodeInputError for models without UNet
-    cross-attention."""
+def uses_joint_attention(model_patcher) -> bool:
+    """SD3/SD3.5 and Flux-family: text and image tokens in one attention (glue.joint_attention)."""
+    from .joint_attention import joint_attention_sites
+
+    return not cross_attention_sites(model_patcher) and bool(joint_attention_sites(model_patcher))
+
+
+def install_attention_hook(model_patcher, node: str, single_blocks: bool = False):
+    """Clone the MODEL and put the shared hook at every cross-attention site (UNets: attn2
+    replacements) or joint-attention block (SD3, Flux: dit replacements; Flux single-stream
+    blocks too when asked), wrapping any replacement already there. Raises a NodeInputError
+    naming the family for models it cannot edit."""
     sites = cross_attention_sites(model_patcher)
     if not sites:
-        family = model_family(model_patcher)
-        if family in ("SD3", "Flux", "FluxSchnell", "AuraFlow", "HunyuanDiT", "PixArtAlpha", "PixArtSigma", "Lumina2", "HiDream", "Chroma", "QwenImage"):
-            raise NodeInputError(node, "model", f"{family} models use joint text-image attention, not the separate "
-                                 "cross-attention this node edits; only SD1.x, SD2.x and SDXL-style UNets are supported for now")
-        raise NodeInputError(node, "model", f"this {family} model has no cross-attention layers to read words from")
+        from .joint_attention import install_joint_attention_hook
+
+        return install_joint_attention_hook(model_patcher, node, single_blocks)
     patched = model_patcher.clone()
     for site in sites:
         patched.set_model_attn2_replace(make_attn2_replacement(existing_attn2_replacement(model_patcher, site)), *site.key)
@@ -215,6 +362,7 @@ class SegfreeSettings:
     start_percent: float = 0.4
     per_head: bool = False
     include_specials: bool = False
+    single_blocks: bool = False  # Flux: edit the single-stream blocks' image-to-text weights too
 
 
 def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
@@ -225,7 +373,8 @@ def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
     and a post-CFG hook turns ComfyUI's combine into eq. 11."""
     import comfy.samplers
 
-    patched = install_attention_hook(model_patcher, node)
+    patched = install_attention_hook(model_patcher, node, settings.single_blocks)
+    joint = uses_joint_attention(model_patcher)
     previous_calc = model_patcher.model_options.get("sampler_calc_cond_batch_function")
     run_batch = previous_calc or (lambda args: comfy.samplers.calc_cond_batch(
         args["model"], args["conds"], args["input"], args["sigma"], args["model_options"]))
@@ -248,10 +397,9 @@ def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
             key = (cond["uuid"], device)
             if key not in maps_cache:
                 length = cond["cross_attn"].shape[1] if "cross_attn" in cond else 77
-                token_map = conditioning_token_map(cond, length)
+                token_map = conditioning_token_map(cond, length, joint)
                 if settings.include_specials:
-                    token_map = segfree_algo.TokenMap(segfree_algo.default_token_map(token_map.candidates.shape[0]).candidates,
-                                                      token_map.words)
+                    token_map = token_map.including_specials()
                 if not bool(token_map.candidates.any()):
                     raise NodeInputError(node, "positive", "the prompt has no words for segmentation-free guidance to "
                                          "work on after the switch (it is empty); write a prompt or set start_percent to 1.0")
@@ -271,9 +419,11 @@ def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
         denoised = args["denoised"]
         if not after_switch(args["sigma"], args["model"]):
             return denoised
-        # ComfyUI combined uncond + s(cond - uncond) with the user's s; the difference to eq. 11 is
-        # (1 + w̄ - s)(cond - ε̄). Adding it keeps whatever earlier post-CFG hooks added.
-        return denoised + (1.0 + settings.segfree_cfg - args["cond_scale"]) * (args["cond_denoised"] - args["uncond_denoised"])
+        cond, modified = args["cond_denoised"], args["uncond_denoised"]
+        # ComfyUI combined ε̄ + s(cond - ε̄) with the user's s (at cfg 1: cond alone); whatever
+        # earlier post-CFG hooks added to that combine is kept on top of eq. 11.
+        comfy_combine = modified + args["cond_scale"] * (cond - modified)
+        return segfree_algo.segfree_combine(cond, modified, settings.segfree_cfg) + (denoised - comfy_combine)
 
     patched.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
     patched.set_model_sampler_post_cfg_function(post_cfg)
@@ -290,21 +440,6 @@ def segfree_guider(model_patcher, positive, negative, cfg: float, settings: Segf
     return guider
 
 
-def prompt_words(tokenizer, tokens: dict) -> list[str]:
-    """The words of a tokenized prompt, in TokenMap word order (word index i+1 -> words[i])."""
-    token_map = token_map_from_tokens(tokenizer, tokens)
-    key = next((k for k in ("l", "g", "h") if k in tokens), next(iter(tokens)))
-    sub = getattr(tokenizer, getattr(tokenizer, "clip", f"clip_{key}"), None) or getattr(tokenizer, f"clip_{key}", None)
-    inv_vocab = getattr(sub, "inv_vocab", {})
-    flat = [pair[0] for chunk in tokens[key] for pair in chunk]
-    words: dict[int, str] = {}
-    for token, word in zip(flat, token_map.words.tolist()):
-        if word > 0:
-            piece = inv_vocab.get(token, "<emb>") if isinstance(token, int) else "<emb>"
-            words[word] = words.get(word, "") + piece.replace("</w>", "")
-    return [words[i] for i in sorted(words)]
-
-
 def record_segmentation(model_patcher, positive, latent: torch.Tensor, start_percent: float, end_percent: float,
                         probes: int, seed: int, node: str) -> torch.Tensor:
     """Run the model's conditional pass on the latent re-noised at `probes` noise levels between
@@ -314,9 +449,14 @@ def record_segmentation(model_patcher, positive, latent: torch.Tensor, start_per
     import comfy.samplers
 
     cond_dict = positive[0][1]
-    recorder = SegmapRecorder(conditioning_token_map(cond_dict, positive[0][0].shape[1]))
-    patched = install_attention_hook(model_patcher, node)
+    joint = uses_joint_attention(model_patcher)
+    recorder = SegmapRecorder(conditioning_token_map(cond_dict, positive[0][0].shape[1], joint), tuple(latent.shape[-2:]))
+    patched = install_attention_hook(model_patcher, node, single_blocks=False)
     patched.model_options["transformer_options"][SEGMAP_KEY] = recorder
+    if joint:
+        from .joint_attention import GRID_KEY, dit_patch_grid
+
+        patched.model_options["transformer_options"][GRID_KEY] = dit_patch_grid(model_patcher, tuple(latent.shape[-2:]))
     sampling = patched.get_model_object("model_sampling")
     percents = torch.linspace(start_percent, end_percent, probes).tolist()
     sigmas = torch.tensor([float(sampling.percent_to_sigma(p)) for p in percents] + [0.0])
