@@ -2,6 +2,10 @@
 
     python benchmarks/bench_segfree.py                     # tiny SD1 UNet, CPU
     python benchmarks/bench_segfree.py --unet sd15 --size 512 --gpu   # SD1.5-size UNet (random weights)
+    python benchmarks/bench_segfree.py --unet tiny-sd3     # tiny SD3 MMDiT (joint attention), CPU
+    python benchmarks/bench_segfree.py --unet tiny-flux    # tiny Flux; rows with and without single-stream blocks
+    python benchmarks/bench_segfree.py --unet flux --size 1024 --gpu --steps 8 --repeats 3   # Flux-dev size, random weights
+    python benchmarks/bench_segfree.py --unet sd3 --size 1024 --gpu   # SD3-medium size, random weights
 
 The paper claims "almost the same computational complexity" as CFG; the goal here is <= 1.10x.
 Two SFG rows: every step edited (start_percent 0, the worst case) and the default switch (0.4).
@@ -35,9 +39,58 @@ def sd15_full_size(dtype):
                                             offload_device=torch.device("cpu"))
 
 
+def dit_full_size(kind: str, dtype):
+    """SD3-medium (MMDiT depth 24, 2B) or Flux-dev (19 double + 38 single blocks, 12B) topology with
+    seeded random weights, built on the compute device in `dtype` (12B float32 weights would not fit in RAM)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    device = comfy.model_management.get_torch_device()
+    if kind == "sd3":
+        config_cls = comfy.supported_models.SD3
+        config = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16, "depth": 24,
+                  "adm_in_channels": 2048, "context_embedder_config": {"target": "torch.nn.Linear",
+                                                                       "params": {"in_features": 4096, "out_features": 1536}},
+                  "num_patches": 36864, "pos_embed_max_size": 192, "x_block_self_attn_layers": []}
+    else:
+        config_cls = comfy.supported_models.Flux
+        config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+                  "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+                  "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+    model_config = config_cls(config)
+    model_config.set_inference_dtype(dtype, dtype)
+    model = model_config.get_model({}, device=device)
+    harness.tiny_models.seeded_init_all(model.diffusion_model.to(device=device, dtype=dtype), 0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def dit_prompts(kind: str, full_size: bool, glue):
+    """SD3: 154 context tokens (CLIP-L/G 77 + T5 77); Flux: 256 T5 tokens. A real T5 word map for the
+    prompt, from ComfyUI's tokenizers (the tiny encoders would not give full-size widths)."""
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+    import torch
+
+    tokenizer = comfy.text_encoders.sd3_clip.SD3Tokenizer() if kind == "sd3" else comfy.text_encoders.flux.FluxTokenizer()
+    width = 4096 if (full_size or kind == "sd3") else harness.tiny_models.FLUX_CONTEXT_DIM
+    pooled = 2048 if kind == "sd3" else (768 if full_size else 32)
+    out = []
+    for seed, text in ((1, "a cute maltese white dog next to a cat"), (2, "blurry, low quality")):
+        tokens = tokenizer.tokenize_with_weights(text)
+        length = 154 if kind == "sd3" else 256
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=g), glue.TOKEN_MAP_KEY: glue.token_map_from_tokens(tokenizer, tokens, length)}
+        if kind == "flux":
+            extra["guidance"] = 3.5
+        out.append([[torch.randn(1, length, width, generator=g), extra]])
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--unet", choices=["tiny", "sd15", "tiny-sd3", "tiny-flux", "sd3", "flux"], default="tiny")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
@@ -51,6 +104,8 @@ def main():
 
     glue = env.module("nodes.glue")
     dtype = torch.float16 if args.gpu and torch.cuda.is_available() else torch.float32
+    if args.unet in ("tiny-sd3", "tiny-flux", "sd3", "flux"):
+        return dit_main(args, glue, torch)
     model = sd15_full_size(dtype) if args.unet == "sd15" else harness.tiny_models.tiny_model("sd15", seed=0)
     clip = glue.clip_with_token_maps(harness.tiny_models.tiny_clip(seed=2))
     positive = harness.tiny_models.encode(clip, "a cute maltese white dog next to a cat")
@@ -62,6 +117,33 @@ def main():
         patched = glue.apply_segfree_guidance(model, glue.SegfreeSettings(start_percent=start), "benchmark")
         results.append(harness.compare_sampling(f"SFG (start_percent {start}) vs CFG", model, patched, positive, negative,
                                                 latent, steps=args.steps, cfg=7.5, repeats=args.repeats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def dit_main(args, glue, torch):
+    kind = args.unet.replace("tiny-", "")
+    full_size = not args.unet.startswith("tiny")
+    gpu = args.gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if full_size:
+        model = dit_full_size(kind, dtype)
+    elif kind == "sd3":
+        model = harness.tiny_models.tiny_sd3(seed=0)
+    else:
+        model = harness.tiny_models.tiny_flux(seed=0, guidance_embed=True, depth=2, depth_single_blocks=2)
+    positive, negative = dit_prompts(kind, full_size, glue)
+    latent = torch.zeros(args.batch, 16, args.size // 8, args.size // 8)
+    print(f"segmentation-free guidance vs CFG, {args.unet}, {args.size}x{args.size}, batch {args.batch}, {dtype}")
+    results = []
+    variants = [(0.0, False), (0.4, False)] + ([(0.0, True)] if kind == "flux" else [])
+    for start, single in variants:
+        settings = glue.SegfreeSettings(start_percent=start, single_blocks=single)
+        patched = glue.apply_segfree_guidance(model, settings, "benchmark")
+        label = f"SFG (start_percent {start}{', +single blocks' if single else ''}) vs CFG"
+        results.append(harness.compare_sampling(label, model, patched, positive, negative, latent, steps=args.steps, cfg=3.5,
+                                                repeats=args.repeats))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

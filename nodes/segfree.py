@@ -10,6 +10,9 @@ from .algorithms import segfree as segfree_algo
 
 HEAD_MODES = ["mean over heads", "per head"]
 CANDIDATE_MODES = ["prompt words", "prompt words + end/padding"]
+JOINT_BLOCK_MODES = ["double-stream blocks", "double- and single-stream blocks"]
+MODEL_TOOLTIP = ("An SD1.x, SD2.x or SDXL UNet, or an SD3/SD3.5 or Flux-family model (joint attention: the image-to-text "
+                 "weights are edited). It is cloned; yours is not changed.")
 
 
 def segfree_inputs() -> list:
@@ -21,7 +24,9 @@ def segfree_inputs() -> list:
                                "very large values give artifacts."),
         io.Float.Input("segfree_cfg", default=2.0, min=0.0, max=30.0, step=0.1,
                        tooltip="The paper's w̄, the guidance weight after the switch: ε + w̄(ε − ε̄). It is the same as a "
-                               "ComfyUI cfg of 1 + segfree_cfg. Keep it below your cfg (the paper: w̄ < w)."),
+                               "ComfyUI cfg of 1 + segfree_cfg. Keep it below your cfg (the paper: w̄ < w). Flux-dev at cfg 1: the "
+                               "sampler's cfg does nothing after the switch either; segfree_cfg is then the only guidance on top "
+                               "of the distilled FluxGuidance, and the ε̄ pass still runs (two model calls per step from the switch on)."),
         io.Float.Input("start_percent", default=0.4, min=0.0, max=1.0, step=0.01,
                        tooltip="When plain CFG hands over to segmentation-free guidance (0 = from the first step, 1 = never). "
                                "Switching too early breaks the composition; use a smaller value with a larger cfg."),
@@ -32,13 +37,20 @@ def segfree_inputs() -> list:
                        tooltip="Which tokens may be a patch's most-attended one. The start token never is. End and padding "
                                "tokens only if asked (SD1.x pads with end tokens, which often win without meaning a word). "
                                "Needs the CLIP from this node wired into the text encoders; otherwise all tokens but the "
-                               "start token are candidates."),
+                               "start token are candidates. T5 (SD3, Flux) has no start token: there the end token and "
+                               "padding are what is left out."),
+        io.Combo.Input("joint_blocks", options=JOINT_BLOCK_MODES, default=JOINT_BLOCK_MODES[0], optional=True,
+                       tooltip="Flux only: which blocks are edited. Double-stream blocks (the default) keep text and image "
+                               "tokens apart, as the paper's cross-attention does; single-stream blocks mix them (their "
+                               "'text' tokens already carry image content) and cost more. SD3 has double-stream blocks only."),
     ]
 
 
-def settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates) -> glue.SegfreeSettings:
+def settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates,
+                  joint_blocks=JOINT_BLOCK_MODES[0]) -> glue.SegfreeSettings:
     return glue.SegfreeSettings(segfree_scale=segfree_scale, segfree_cfg=segfree_cfg, start_percent=start_percent,
-                                per_head=attention_heads == HEAD_MODES[1], include_specials=candidates == CANDIDATE_MODES[1])
+                                per_head=attention_heads == HEAD_MODES[1], include_specials=candidates == CANDIDATE_MODES[1],
+                                single_blocks=joint_blocks == JOINT_BLOCK_MODES[1])
 
 
 class SegmentationFreeGuidance(io.ComfyNode):
@@ -52,7 +64,7 @@ class SegmentationFreeGuidance(io.ComfyNode):
                         "its own most-attended word as its negative (read from the model's cross-attention). Sharpens each "
                         "concept of a multi-concept prompt at the cost of CFG. Works with every KSampler.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model. It is cloned; yours is not changed."),
+                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional: wire the CLIP output of this node into your text encoders so the guidance "
                                       "knows which tokens are words (see 'candidates')."),
@@ -65,8 +77,9 @@ class SegmentationFreeGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, segfree_scale, segfree_cfg, start_percent, attention_heads, candidates, clip=None) -> io.NodeOutput:
-        settings = settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates)
+    def execute(cls, model, segfree_scale, segfree_cfg, start_percent, attention_heads, candidates, clip=None,
+                joint_blocks=JOINT_BLOCK_MODES[0]) -> io.NodeOutput:
+        settings = settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates, joint_blocks)
         patched = glue.apply_segfree_guidance(model, settings, "MC_SegmentationFreeGuidance")
         return io.NodeOutput(patched, glue.clip_with_token_maps(clip) if clip is not None else None)
 
@@ -81,7 +94,7 @@ class SegmentationFreeGuider(io.ComfyNode):
             description="A GUIDER for SamplerCustomAdvanced: plain CFG with your negative until start_percent, then "
                         "segmentation-free guidance.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model. It is cloned; yours is not changed."),
+                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
                 io.Conditioning.Input("positive", tooltip="The prompt. Encode it with the CLIP from "
                                       "'Segmentation-Free CLIP' (or the guidance node) so word tokens are known."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt used by plain CFG before the switch."),
@@ -94,8 +107,8 @@ class SegmentationFreeGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, segfree_scale, segfree_cfg, start_percent, attention_heads,
-                candidates) -> io.NodeOutput:
-        settings = settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates)
+                candidates, joint_blocks=JOINT_BLOCK_MODES[0]) -> io.NodeOutput:
+        settings = settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, candidates, joint_blocks)
         return io.NodeOutput(glue.segfree_guider(model, positive, negative, cfg, settings, "MC_SegmentationFreeGuider"))
 
 
@@ -127,7 +140,8 @@ class SegmentationMap(io.ComfyNode):
             is_output_node=True,
             description="Shows the segmentation the model implies: every patch coloured by the prompt word it attends "
                         "to most (eq. 9 of the segmentation-free guidance paper), summed over every cross-attention "
-                        "layer and over noise levels between start and end percent; plus one mask per word.",
+                        "layer (SD3/Flux: the image-to-text weights of every double-stream block) and over noise levels "
+                        "between start and end percent; plus one mask per word.",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose attention is read (not changed)."),
                 io.Clip.Input("clip", tooltip="The CLIP used to encode the prompt."),

@@ -115,6 +115,19 @@ def tiny_vae(seed: int = 0):
     return vae
 
 
+def tiny_vae16(seed: int = 0):
+    """A `comfy.sd.VAE` with the SD3/Flux latent layout (8x down, 16 channels) and few
+    channels, built with ComfyUI's AutoencoderKL."""
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 16, "ddconfig": ddconfig}})
+    vae.latent_channels = 16  # ComfyUI sets this from a state dict; a config-built VAE keeps SD's 4
+    seeded_init(vae.first_stage_model, seed)
+    return vae
+
+
 def encode(clip, text: str):
     """CLIPTextEncode's own path: tokenize, then encode with schedule support."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
@@ -160,6 +173,7 @@ def _patcher(model):
 
 FLUX_CONTEXT_DIM = 64  # the tiny T5's width (Flux takes T5 states as its context)
 SD3_CONTEXT_DIM = 4096  # SD3 pads CLIP-L/G states to T5-XXL's width: its context is always 4096 wide
+SD3_TINY_POOLED = 128  # the tiny SD3 encoders' pooled vector: CLIP-L 64 + CLIP-G 64
 
 
 def tiny_flux(seed: int = 0, guidance_embed: bool = False, depth: int = 1, depth_single_blocks: int = 1, hidden_size: int = 64,
@@ -184,15 +198,17 @@ def tiny_flux(seed: int = 0, guidance_embed: bool = False, depth: int = 1, depth
     return _patcher(model)
 
 
-def tiny_sd3(seed: int = 0, depth: int = 2, x_block_self_attn_layers=(), dtype=torch.float32):
+def tiny_sd3(seed: int = 0, depth: int = 2, x_block_self_attn_layers=(), dtype=torch.float32, adm_in_channels: int = 2048):
     """An SD3-family MMDiT ModelPatcher (`comfy.supported_models.SD3`; joint attention in every
     block, 16-channel latents). ComfyUI's MMDiT has hidden size 64·depth and depth heads.
-    x_block_self_attn_layers gives SD3.5-style blocks with an extra image self-attention."""
+    x_block_self_attn_layers gives SD3.5-style blocks with an extra image self-attention.
+    adm_in_channels: the pooled vector's width (2048 as SD3's CLIP-L + CLIP-G; SD3_TINY_POOLED
+    for the tiny SD3 encoders of tiny_dit_clip)."""
     import comfy.supported_models
 
     hidden = 64 * depth
     config = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16, "depth": depth,
-              "adm_in_channels": 2048, "context_embedder_config": {"target": "torch.nn.Linear",
+              "adm_in_channels": adm_in_channels, "context_embedder_config": {"target": "torch.nn.Linear",
                                                                    "params": {"in_features": SD3_CONTEXT_DIM, "out_features": hidden}},
               "num_patches": 64 * 64, "pos_embed_max_size": 64, "x_block_self_attn": bool(x_block_self_attn_layers),
               "x_block_self_attn_layers": list(x_block_self_attn_layers), "qk_norm": "rms" if x_block_self_attn_layers else None}

@@ -35,10 +35,11 @@ UNSUPPORTED_FAMILIES = {
     "HiDream": "HiDream feeds its text in per-block LLM layers", "QwenImage": "Qwen-Image runs its own joint-attention code",
     "Omnigen2": "Omnigen2 runs its own attention code", "HunyuanImage21": "HunyuanImage uses its own attention code",
     "HunyuanImage21Refiner": "HunyuanImage uses its own attention code", "CosmosT2IPredict2": "Cosmos uses its own attention code",
-    "Flux2": "Flux 2 is not tested here yet", "ChromaRadiance": "Chroma Radiance (pixel space) is not tested here yet",
+    "Flux2": "Flux 2 is not tested here yet", "Chroma": "Chroma (Flux layers, own masking) is not tested here yet",
+    "ChromaRadiance": "Chroma Radiance (pixel space) is not tested here yet",
     "Stable_Cascade_C": "Stable Cascade uses its own attention blocks", "Stable_Cascade_B": "Stable Cascade uses its own attention blocks",
 }
-JOINT_FAMILIES = ("SD3", "Flux", "FluxSchnell", "FluxInpaint", "Chroma")
+JOINT_FAMILIES = ("SD3", "Flux", "FluxSchnell", "FluxInpaint")
 
 
 @dataclass(frozen=True)
