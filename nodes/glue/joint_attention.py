@@ -82,7 +82,10 @@ def refuse_family(model_patcher, node: str):
     if family in UNSUPPORTED_FAMILIES:
         raise NodeInputError(node, "model", f"{family} models are not supported: {UNSUPPORTED_FAMILIES[family]}, which this "
                              "node does not edit. Supported: SD1.x, SD2.x, SDXL-style UNets, SD3/SD3.5 and Flux-family models")
-    raise NodeInputError(node, "model", f"this {family} model has no cross-attention layers to read words from")
+    if hasattr(diffusion_model(model_patcher), "input_blocks"):  # a UNet whose cross-attention is gone
+        raise NodeInputError(node, "model", f"this {family} model has no cross-attention layers to read words from")
+    raise NodeInputError(node, "model", f"{family} models are not supported by this node (video, audio and 3D families are "
+                         "not edited). Supported: SD1.x, SD2.x, SDXL-style UNets, SD3/SD3.5 and Flux-family models")
 
 
 def existing_dit_replacement(model_patcher, site: JointAttentionSite):
