@@ -21,6 +21,7 @@ TECHNIQUE_MODULES = [
     "clip_models",
     "blended",
     "shapes_world_loader",
+    "sdg",
 ]
 
 

@@ -8,6 +8,15 @@ An MC_CLIP is any object with this interface (duck typing; the shapes-world dual
     image_size            the square input side the image tower expects
     mean, std             the per-channel normalisation the image tower expects (3 floats each)
 
+and, for semantic guidance, spatial feature maps (module function `image_features`, which uses an
+`image_features(images, layers)` method where the object has one and otherwise the open_clip image
+tower at `.model.visual`, as the shapes-world dual encoder has):
+
+    image_features(mc_clip, images, layers) -> ([B, D] L2-normalised embedding, [maps (B, C, H, W)])
+        differentiable; `layers` index the tower's stages: ResNet 0 = stem, 1-4 = layer1-layer4;
+        ViT (open_clip or ComfyUI's CLIP_VISION): transformer blocks, their token grid as a map
+    feature_stages(mc_clip) -> how many stages `layers` may pick
+
 Sources:
   * open_clip: an architecture name with a pretrained tag (e.g. ViT-B-16 / openai), from the local
     cache; downloading is off unless the user allows it on the node;
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 import folder_paths
 from comfy_api.v0_0_2 import io
 
+from .algorithms import sdg as sdg_algo
 from .glue import NodeInputError
 
 FOLDER_NAME = "more_control_clip"
@@ -68,8 +78,10 @@ def preprocess(images: torch.Tensor, image_size: int, mean, std) -> torch.Tensor
 class OpenCLIPModel:
     """An open_clip CLIP with its tokenizer, as an MC_CLIP."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str, mean=OPENAI_MEAN, std=OPENAI_STD, device="cpu"):
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str, mean=OPENAI_MEAN, std=OPENAI_STD, device="cpu",
+                 config: dict | None = None):
         self.model = model.eval().requires_grad_(False)
+        self.config = config  # the open_clip model config (what a noise-aware copy of the tower is built from)
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device)
@@ -85,6 +97,16 @@ class OpenCLIPModel:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(prompts)).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+
+    def image_features(self, images: torch.Tensor, layers: list[int]):
+        embedding, maps = sdg_algo.tower_features(self.model.visual, self.preprocess(images), layers)
+        return F.normalize(embedding.float(), dim=-1), [m.float() for m in maps]
+
+    def feature_stages(self) -> int:
+        return sdg_algo.stage_count(self.model.visual)
 
     def __repr__(self):
         return f"OpenCLIPModel({self.name}, image_size={self.image_size})"
@@ -113,6 +135,97 @@ class ComfyCLIPPair:
             _, p = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
             pooled.append(p.float().reshape(1, -1))
         return F.normalize(torch.cat(pooled), dim=-1)
+
+    def image_features(self, images: torch.Tensor, layers: list[int]):
+        """Differentiable (no 8-bit rounding): our own preprocessing, ComfyUI's vision model with
+        every block's tokens; a block's map is its patch tokens on the patch grid."""
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.clip_vision.patcher)
+        device = self.clip_vision.load_device
+        pixels = preprocess(images.to(device), self.image_size, self.mean, self.std)
+        model = self.clip_vision.model
+        pixels = pixels.to(next(model.parameters()).dtype)
+        last, hidden, embedding, _ = model(pixel_values=pixels, intermediate_output="all" if layers else None)
+        maps = []
+        if layers:
+            tokens = hidden[:, :, 1:]  # (B, blocks, patches, C) without the class token
+            side = int(round(tokens.shape[2] ** 0.5))
+            for i in layers:
+                t = tokens[:, i].float()
+                maps.append(t.reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2))
+        return F.normalize(embedding.float(), dim=-1), maps
+
+    def feature_stages(self) -> int:
+        return len(self.clip_vision.model.vision_model.encoder.layers)
+
+    def image_embed_dim(self) -> int:
+        projection = getattr(self.clip_vision.model, "visual_projection", None)
+        return int(projection.out_features) if hasattr(projection, "out_features") else \
+            int(self.clip_vision.model.vision_model.post_layernorm.normalized_shape[0])
+
+    def text_embed_dim(self) -> int:
+        return int(self.encode_text([""]).shape[-1])
+
+
+def _open_clip_visual(mc_clip):
+    visual = getattr(getattr(mc_clip, "model", None), "visual", None)
+    if visual is None:
+        raise TypeError(f"{type(mc_clip).__name__} has no open_clip image tower and no image_features method")
+    return visual
+
+
+def image_features(mc_clip, images: torch.Tensor, layers: list[int]):
+    """([B, D] L2-normalised embedding, [maps of `layers`]) of images BHWC in [0, 1], differentiable."""
+    if callable(getattr(mc_clip, "image_features", None)):
+        return mc_clip.image_features(images, layers)
+    visual = _open_clip_visual(mc_clip)
+    if callable(getattr(mc_clip, "preprocess", None)):
+        pixels = mc_clip.preprocess(images)
+    else:
+        pixels = preprocess(images, mc_clip.image_size, mc_clip.mean, mc_clip.std)
+    embedding, maps = sdg_algo.tower_features(visual, pixels, layers)
+    return F.normalize(embedding.float(), dim=-1), [m.float() for m in maps]
+
+
+def feature_stages(mc_clip) -> int:
+    if callable(getattr(mc_clip, "feature_stages", None)):
+        return mc_clip.feature_stages()
+    return sdg_algo.stage_count(_open_clip_visual(mc_clip))
+
+
+def default_feature_layers(mc_clip, purpose: str) -> list[int]:
+    """Style: every stage of a ResNet; structure: its middle stages (see sdg.default_layers)."""
+    visual = getattr(getattr(mc_clip, "model", None), "visual", None)
+    if visual is not None:
+        return sdg_algo.default_layers(visual, purpose)
+    n = feature_stages(mc_clip)
+    return sorted({n // 4, n // 2, (3 * n) // 4}) if purpose == "style" else sorted({n // 2, (3 * n) // 4})
+
+
+def vision_config(mc_clip) -> dict:
+    """What builds an empty copy of the MC_CLIP's image tower with open_clip ({"embed_dim",
+    "vision_cfg", "quick_gelu"}): the loader's config, or read off a ModifiedResNet (the
+    shapes-world dual encoder). Raises TypeError for towers open_clip cannot rebuild."""
+    config = getattr(mc_clip, "config", None)
+    if config:
+        return {"embed_dim": config["embed_dim"], "vision_cfg": config["vision_cfg"], "quick_gelu": bool(config.get("quick_gelu", False))}
+    visual = _open_clip_visual(mc_clip)
+    if sdg_algo.tower_kind(visual) != "resnet":
+        raise TypeError("this ViT image tower carries no open_clip config")
+    width = visual.layer1[0].conv1.in_channels
+    heads = visual.attnpool.num_heads
+    return {"embed_dim": int(visual.attnpool.c_proj.out_features),
+            "vision_cfg": {"image_size": int(visual.image_size), "width": int(width), "head_width": int(width * 32 // heads),
+                           "layers": [len(visual.layer1), len(visual.layer2), len(visual.layer3), len(visual.layer4)]},
+            "quick_gelu": False}
+
+
+def build_vision_tower(config: dict):
+    """An open_clip image tower (random weights) from `vision_config`'s dict."""
+    from open_clip.model import _build_vision_tower
+
+    return _build_vision_tower(config["embed_dim"], dict(config["vision_cfg"]), quick_gelu=config.get("quick_gelu", False))
 
 
 @contextlib.contextmanager
@@ -153,7 +266,7 @@ def load_open_clip(architecture: str, pretrained: str | None, weights_path: str 
     cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
     mean, std = cfg.get("mean", mean), cfg.get("std", std)
     return OpenCLIPModel(model, tokenizer, f"{architecture}/{os.path.basename(weights_path) if weights_path else pretrained}",
-                         mean, std, device)
+                         mean, std, device, config=open_clip.get_model_config(architecture))
 
 
 class CLIPLoader(io.ComfyNode):
@@ -231,7 +344,14 @@ class CLIPFromComfy(io.ComfyNode):
     def execute(cls, clip_vision, clip) -> io.NodeOutput:
         if not hasattr(clip_vision, "encode_image"):
             raise NodeInputError("MC_CLIPFromComfy", "clip_vision", "is not a CLIP vision model")
-        return io.NodeOutput(ComfyCLIPPair(clip_vision, clip))
+        pair = ComfyCLIPPair(clip_vision, clip)
+        image_dim, text_dim = pair.image_embed_dim(), pair.text_embed_dim()
+        if image_dim != text_dim:
+            raise NodeInputError("MC_CLIPFromComfy", "clip", f"the text encoder gives {text_dim}-wide embeddings but the "
+                                 f"image tower (input 'clip_vision') gives {image_dim}-wide ones: they are not one CLIP "
+                                 "model's two towers (pair e.g. clip_vision ViT-L/14 with a CLIP-L text encoder that "
+                                 "carries its text projection)")
+        return io.NodeOutput(pair)
 
 
 NODES = [CLIPLoader, CLIPFromComfy]
