@@ -3,6 +3,8 @@ noise-aware encoder (files, errors, training), on tiny models through ComfyUI's 
 from __future__ import annotations
 
 import hashlib
+import json
+import pathlib
 
 import pytest
 import torch
@@ -194,3 +196,198 @@ def test_one_guidance_step_raises_the_guidance_function(comfy_nodes, nodes_sdg, 
     change, before, after = at_first_step(comfy_nodes, tiny_sd15, conds["empty"], conds["empty"], check)
     assert change > 0, "the hook changed nothing"
     assert (after > before).all(), (kind, mode, before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, precision, inference mode, composition
+
+def test_batch_each_sample_its_own_gradient_and_reference(comfy_nodes, nodes_sdg, glue, mc_clip, tiny_sd15, tiny_vae, conds):
+    """Two samples with two style references: each sample's gradient is the one it gets alone with
+    its own reference (per-sample Gram matrices; nothing mixes across the batch)."""
+    refs = sdg_fixtures.reference_images(2, seed=11)
+    pair = guidance_of(nodes_sdg, mc_clip, "style", scale=1.0, refs=refs)
+    (both,) = nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, pair, "decoded (fast)", 0.0, 1.0, 1, 0, vae=tiny_vae).result
+    hook_both = glue.guidance_hook(both)
+    alone = []
+    for i in range(2):
+        single = guidance_of(nodes_sdg, mc_clip, "style", scale=1.0, refs=refs[i:i + 1])
+        (patched,) = nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, single, "decoded (fast)", 0.0, 1.0, 1, 0, vae=tiny_vae).result
+        alone.append(glue.guidance_hook(patched))
+
+    def check(args):
+        with glue.gradients_enabled():
+            grad = hook_both.gradient(args)
+            singles = [h.gradient({**args, "denoised": args["denoised"][i:i + 1], "input": args["input"][i:i + 1],
+                                   "sigma": args["sigma"][i:i + 1]}) for i, h in enumerate(alone)]
+        return grad, singles
+
+    grad, singles = at_first_step(comfy_nodes, tiny_sd15, conds["empty"], conds["empty"], check, batch=2)
+    assert grad.abs().max() > 0
+    for i in range(2):
+        assert torch.allclose(grad[i:i + 1], singles[i], rtol=1e-3, atol=1e-6 * float(grad.abs().max()))
+    assert not torch.allclose(singles[0], singles[1])
+
+
+def test_runs_under_inference_mode_with_cfg_and_batch(comfy_nodes, nodes_sdg, mc_clip, encoder, tiny_sd15, tiny_vae, conds):
+    """As ComfyUI's executor runs nodes: inside torch.inference_mode(), batch 2, cfg > 1 and cfg 1."""
+    with torch.inference_mode():
+        text = guidance_of(nodes_sdg, mc_clip, "text")
+        content = guidance_of(nodes_sdg, mc_clip, "structure", refs=sdg_fixtures.reference_images(2))
+        (both,) = nodes_sdg.CombineGuidance.execute(text, 1.0, content, 0.5).result
+        assert [t.kind for t in both.terms] == ["text", "structure"] and both.terms[1].scale == 25.0
+        for mode in ("noise-aware", "decoded (fast)", "decoded (exact)"):
+            (patched,) = nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, both, mode, 0.0, 1.0, 1, 0, vae=tiny_vae,
+                                                                 noise_aware_encoder=encoder).result
+            for cfg in (1.0, 4.0):
+                out = ksample(comfy_nodes, patched, conds["prompt"], conds["negative"], cfg=cfg, steps=2, batch=2)
+                ref = ksample(comfy_nodes, tiny_sd15, conds["prompt"], conds["negative"], cfg=cfg, steps=2, batch=2)
+                assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4, (mode, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(comfy_nodes, nodes_sdg, glue, algo, clip_models, mc_clip, tiny_vae, conds, dtype):
+    model = tiny_models.tiny_model("sd15", seed=0, dtype=dtype)
+    encoder = sdg_fixtures.tiny_encoder(glue, algo, clip_models, mc_clip, model)
+    text = guidance_of(nodes_sdg, mc_clip, "text")
+    for mode in ("noise-aware", "decoded (fast)"):
+        (patched,) = nodes_sdg.ApplySemanticGuidance.execute(model, text, mode, 0.0, 1.0, 1, 0, vae=tiny_vae,
+                                                             noise_aware_encoder=encoder).result
+        out = ksample(comfy_nodes, patched, conds["prompt"], conds["negative"], cfg=3.0, steps=2)
+        assert torch.isfinite(out).all() and (out - ksample(comfy_nodes, model, conds["prompt"], conds["negative"], cfg=3.0, steps=2)).abs().max() > 0
+        assert glue.guidance_hook(patched).calls == 2
+    assert next(encoder.encoder.parameters()).dtype == torch.float32
+
+
+def test_composes_with_segmentation_free_guidance(comfy_nodes, nodes_sdg, pack_module, glue, mc_clip, encoder, tiny_sd15, tiny_clip):
+    nodes_sf = pack_module("nodes.segfree")
+    (sfg, clip) = nodes_sf.SegmentationFreeGuidance.execute(model=tiny_sd15, clip=tiny_clip, segfree_scale=10.0, segfree_cfg=2.0,
+                                                            start_percent=0.0, attention_heads="mean over heads",
+                                                            candidates="prompt words").result
+    positive, negative = tiny_models.encode(clip, "a dog and a cat"), tiny_models.encode(clip, "blurry")
+    (both,) = nodes_sdg.ApplySemanticGuidance.execute(sfg, guidance_of(nodes_sdg, mc_clip, "text"), "noise-aware", 0.0, 1.0, 1, 0,
+                                                      noise_aware_encoder=encoder).result
+    sfg_only = ksample(comfy_nodes, sfg, positive, negative, cfg=5.0)
+    out = ksample(comfy_nodes, both, positive, negative, cfg=5.0)
+    assert torch.isfinite(out).all() and (out - sfg_only).abs().max() > 1e-4
+    assert glue.guidance_hook(both).calls == 3
+    assert "sampler_calc_cond_batch_function" in both.model_options  # SFG's patch still there
+
+
+def test_user_model_vae_and_clip_unchanged(comfy_nodes, nodes_sdg, mc_clip, encoder, tiny_sd15, tiny_vae, conds):
+    before = (fingerprint(tiny_sd15.model.diffusion_model, tiny_vae.first_stage_model, mc_clip.model, encoder.encoder),
+              sorted(tiny_sd15.model_options), dict(tiny_sd15.model_options.get("transformer_options", {})))
+    guidance = guidance_of(nodes_sdg, mc_clip, "style")
+    for mode in ("noise-aware", "decoded (exact)"):
+        (patched,) = nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, guidance, mode, 0.0, 1.0, 1, 0, vae=tiny_vae,
+                                                             noise_aware_encoder=encoder).result
+        assert patched is not tiny_sd15
+        ksample(comfy_nodes, patched, conds["prompt"], conds["negative"], cfg=3.0, steps=2)
+    after = (fingerprint(tiny_sd15.model.diffusion_model, tiny_vae.first_stage_model, mc_clip.model, encoder.encoder),
+             sorted(tiny_sd15.model_options), dict(tiny_sd15.model_options.get("transformer_options", {})))
+    assert after == before
+    assert all(not p.requires_grad for p in mc_clip.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+
+def test_bad_input_errors_name_node_and_input(comfy_nodes, nodes_sdg, glue, algo, clip_models, mc_clip, encoder, tiny_sd15,
+                                              tiny_vae, conds):
+    with pytest.raises(glue.NodeInputError, match="MC_TextGuidance: input 'text'"):
+        nodes_sdg.TextGuidance.execute(mc_clip, "   ", 100.0)
+    with pytest.raises(glue.NodeInputError, match="MC_ImageStyleGuidance: input 'layers'.*layer 9 does not exist"):
+        nodes_sdg.ImageStyleGuidance.execute(mc_clip, sdg_fixtures.reference_images(1), 100.0, "1,9")
+    # three references for a batch of two
+    content = guidance_of(nodes_sdg, mc_clip, "content", refs=sdg_fixtures.reference_images(3))
+    (patched,) = nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, content, "decoded (fast)", 0.0, 1.0, 1, 0, vae=tiny_vae).result
+    with pytest.raises(glue.NodeInputError, match="MC_ImageContentGuidance: input 'image': 3 reference images fit no batch of 2"):
+        ksample(comfy_nodes, patched, conds["prompt"], conds["negative"], batch=2)
+    # an encoder trained for another channel count / latent format
+    wrong = sdg_fixtures.tiny_encoder(glue, algo, clip_models, mc_clip, tiny_sd15, channels=16)
+    text = guidance_of(nodes_sdg, mc_clip, "text")
+    with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'noise_aware_encoder'.*16-channel"):
+        nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, text, "noise-aware", 0.0, 1.0, 1, 0, noise_aware_encoder=wrong)
+    other = glue.NoiseAwareEncoderFile(encoder.encoder, algo.EncoderRecord(**{**encoder.record.__dict__, "latent_format": "SDXL",
+                                                                                 "scale_factor": 0.13025}), "sdxl_encoder")
+    with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'noise_aware_encoder'.*SDXL latents"):
+        nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, text, "noise-aware", 0.0, 1.0, 1, 0, noise_aware_encoder=other)
+    with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'noise_aware_encoder'"):
+        nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, text, "noise-aware", 0.0, 1.0, 1, 0)
+    with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'vae'"):
+        nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, text, "decoded (fast)", 0.0, 1.0, 1, 0)
+    with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'vae'"):
+        nodes_sdg.ApplySemanticGuidance.execute(tiny_sd15, content, "noise-aware", 0.0, 1.0, 1, 0, noise_aware_encoder=encoder)
+    assert "start_percent" in nodes_sdg.ApplySemanticGuidance.validate_inputs(start_percent=0.6, end_percent=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise-aware encoder: files, training
+
+def test_encoder_starts_from_clip_and_handles_vit_towers(algo):
+    """Zero-initialised FiLM: the modulated norms are the tower's own at every noise level; a ViT's
+    LayerNorms are modulated the same way and its token grid gives maps."""
+    import open_clip
+
+    torch.manual_seed(0)
+    vit = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                         text_cfg={"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}).visual
+    encoder = algo.NoiseAwareEncoder(vit, latent_channels=4)
+    assert sum(isinstance(m, algo.FiLMNorm) for m in encoder.modules()) == 2 * 2 + 2
+    z = torch.randn(2, 4, 6, 6)
+    a, maps = encoder(z, torch.tensor([0.1, 10.0]), [0, 1])
+    b, _ = encoder(z, torch.tensor([5.0, 0.5]), [])
+    assert torch.allclose(a, b, atol=1e-6)  # FiLM starts at the identity: σ does not matter yet
+    assert [m.shape for m in maps] == [(2, 32, 4, 4)] * 2
+    torch.nn.init.normal_(encoder.film[-1].weight, std=0.1)
+    c, _ = encoder(z, torch.tensor([5.0, 0.5]), [])
+    assert not torch.allclose(a, c, atol=1e-4)
+    with pytest.raises(ValueError, match="reads 4-channel latents, got 16"):
+        encoder(torch.randn(1, 16, 6, 6), torch.tensor([1.0]))
+
+
+def test_encoder_file_round_trip(glue, algo, encoder, tmp_path):
+    path = tmp_path / "enc.safetensors"
+    glue.save_noise_aware_encoder(encoder.encoder, encoder.record, path, fp16=False)
+    loaded = glue.load_noise_aware_encoder(path)
+    assert loaded.record == encoder.record
+    z, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 3.0])
+    with torch.no_grad():
+        assert torch.allclose(loaded.encoder(z, sigma)[0], encoder.encoder(z, sigma)[0], atol=1e-6)
+    (tmp_path / "plain.safetensors").write_bytes(b"")
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a noise-aware encoder file"):
+        glue.load_noise_aware_encoder(tmp_path / "plain.safetensors")
+
+
+def test_train_node_writes_resumable_encoder_and_lowers_loss(comfy_nodes, nodes_sdg, glue, mc_clip, tiny_sd15, tiny_vae, tmp_path):
+    import folder_paths
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    images = sdg_fixtures.reference_images(6, 64, seed=21)
+    for i, img in enumerate(images):
+        Image.fromarray((img.numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+    name = "mc_test_sdg_encoder"
+    with torch.inference_mode():
+        encoder, curve, info = nodes_sdg.TrainNoiseAwareEncoder.execute(
+            mc_clip, tiny_sd15, tiny_vae, str(folder), name, 12, 6, 64, 1e-3, 0, False,
+            images=sdg_fixtures.reference_images(2, 64, seed=22)).result
+    out = pathlib.Path(folder_paths.get_folder_paths(glue.ENCODER_FOLDER)[0])
+    record = glue.read_encoder_record(out / f"{name}.safetensors")
+    assert record.latent_channels == 4 and record.latent_format == "SD15" and "12 steps on 8 images" in info
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and (out / f"{name}_loss.png").exists()
+    history = json.loads((out / f"{name}.json").read_text())["loss_history"]
+    assert len(history) == 12 and min(v for _, v in history[-4:]) < history[0][1]
+    # resumable: 4 more steps continue from step 12
+    with torch.inference_mode():
+        nodes_sdg.TrainNoiseAwareEncoder.execute(mc_clip, tiny_sd15, tiny_vae, str(folder), name, 16, 6, 64, 1e-3, 0, True)
+    assert len(json.loads((out / f"{name}.json").read_text())["loss_history"]) == 16
+    # the loader lists and reads it
+    assert f"{name}.safetensors" in nodes_sdg.encoder_options()
+    (loaded,) = nodes_sdg.NoiseAwareEncoderLoader.execute(f"{name}.safetensors").result
+    assert loaded.record.latent_format == "SD15"
+    with pytest.raises(glue.NodeInputError, match="MC_TrainNoiseAwareEncoder: input 'folder'"):
+        nodes_sdg.TrainNoiseAwareEncoder.execute(mc_clip, tiny_sd15, tiny_vae, str(tmp_path / "nope"), name, 1, 2, 64, 1e-4, 0, False)

@@ -33,7 +33,9 @@ starts from CLIP. Choices of ours, not the paper's:
 from __future__ import annotations
 
 import copy
+import json
 import math
+import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -395,3 +397,40 @@ class EncoderRecord:
     trained_from: str = ""
     noise_embedding: str = f"sinusoidal log-sigma, {NOISE_EMBED_DIM} features"
     input_form: str = "model_sampling.calculate_input(sigma, x)"
+
+
+def encoder_metadata(record: EncoderRecord, extra: dict | None = None) -> dict[str, str]:
+    meta = {"mc_kind": "noise_aware_encoder", "vision_config": json.dumps(record.vision_config),
+            "latent_channels": str(record.latent_channels), "latent_format": record.latent_format,
+            "scale_factor": repr(float(record.scale_factor)), "trained_from": record.trained_from,
+            "noise_embedding": record.noise_embedding, "input_form": record.input_form}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def save_encoder(encoder: NoiseAwareEncoder, record: EncoderRecord, path, fp16: bool = True, extra: dict | None = None):
+    """Safetensors with the record in its metadata (fp16 by default: shipped files stay small)."""
+    import safetensors.torch
+
+    state = {k: (v.detach().half() if fp16 and v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in encoder.state_dict().items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(path), metadata=encoder_metadata(record, extra))
+
+
+def read_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_encoder_record(path) -> EncoderRecord:
+    meta = read_metadata(path)
+    if meta.get("mc_kind") != "noise_aware_encoder":
+        raise ValueError(f"{pathlib.Path(path).name} is not a noise-aware encoder file (no record in its metadata)")
+    return EncoderRecord(vision_config=json.loads(meta["vision_config"]), latent_channels=int(meta["latent_channels"]),
+                         latent_format=meta["latent_format"], scale_factor=float(meta["scale_factor"]),
+                         trained_from=meta.get("trained_from", ""), noise_embedding=meta.get("noise_embedding", ""),
+                         input_form=meta.get("input_form", ""))

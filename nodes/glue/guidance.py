@@ -89,38 +89,9 @@ class NoiseAwareEncoderFile:
                 f"{self.record.latent_channels} channels, from {self.record.trained_from or '?'})")
 
 
-def encoder_metadata(record: algo.EncoderRecord, extra: dict | None = None) -> dict:
-    meta = {"mc_kind": "noise_aware_encoder", "vision_config": json.dumps(record.vision_config),
-            "latent_channels": str(record.latent_channels), "latent_format": record.latent_format,
-            "scale_factor": repr(float(record.scale_factor)), "trained_from": record.trained_from,
-            "noise_embedding": record.noise_embedding, "input_form": record.input_form}
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    return meta
-
-
-def save_noise_aware_encoder(encoder: algo.NoiseAwareEncoder, record: algo.EncoderRecord, path, fp16: bool = True,
-                             extra: dict | None = None):
-    """Safetensors with the record in its metadata (fp16 by default: the shipped file stays small)."""
-    import safetensors.torch
-
-    state = {k: (v.detach().half() if fp16 and v.is_floating_point() else v.detach()).contiguous().cpu()
-             for k, v in encoder.state_dict().items()}
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state, str(path), metadata=encoder_metadata(record, extra))
-
-
-def read_encoder_record(path) -> algo.EncoderRecord:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("mc_kind") != "noise_aware_encoder":
-        raise ValueError(f"{pathlib.Path(path).name} is not a noise-aware encoder file (no record in its metadata)")
-    return algo.EncoderRecord(vision_config=json.loads(meta["vision_config"]), latent_channels=int(meta["latent_channels"]),
-                              latent_format=meta["latent_format"], scale_factor=float(meta["scale_factor"]),
-                              trained_from=meta.get("trained_from", ""),
-                              noise_embedding=meta.get("noise_embedding", ""), input_form=meta.get("input_form", ""))
+encoder_metadata = algo.encoder_metadata
+save_noise_aware_encoder = algo.save_encoder
+read_encoder_record = algo.read_encoder_record
 
 
 def load_noise_aware_encoder(path, device=None) -> NoiseAwareEncoderFile:

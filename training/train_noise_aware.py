@@ -1,0 +1,173 @@
+"""Train the shapes-world noise-aware encoder for semantic diffusion guidance (SDG, paper 000, section
+3.5): a time-conditioned copy of the dual encoder's image tower (FiLM on its BatchNorms, a latent
+stem) learns to embed noised VAE latents as the frozen tower embeds the clean scenes. No captions.
+
+    python -m training.train_noise_aware --minutes 20 --out models/shapes_world
+
+The algorithm (encoder, loss, optimiser) is nodes/algorithms/sdg.py, shared with the
+MC_TrainNoiseAwareEncoder node. Scenes come from a pool re-rendered and re-encoded every
+--pool-refresh steps (the VAE encode is the expensive part on a CPU); the noise is fresh every step.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import numpy as np
+import torch
+
+from . import comfy_env, common
+
+WEIGHTS_FILE = "noise_aware.safetensors"
+
+
+def load_sdg_algorithms():
+    """nodes/algorithms/sdg.py (plain torch) under its own name: the pack's `nodes` package must never
+    shadow ComfyUI's `nodes` module."""
+    if "mc_sdg_algorithms" in sys.modules:
+        return sys.modules["mc_sdg_algorithms"]
+    spec = importlib.util.spec_from_file_location("mc_sdg_algorithms", comfy_env.PACK_DIR / "nodes" / "algorithms" / "sdg.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mc_sdg_algorithms"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def vision_config(visual) -> dict:
+    """The open_clip config of a ModifiedResNet tower (what rebuilds it empty): read off the module."""
+    width = visual.layer1[0].conv1.in_channels
+    return {"embed_dim": int(visual.attnpool.c_proj.out_features),
+            "vision_cfg": {"image_size": int(visual.image_size), "width": int(width),
+                           "head_width": int(width * 32 // visual.attnpool.num_heads),
+                           "layers": [len(visual.layer1), len(visual.layer2), len(visual.layer3), len(visual.layer4)]},
+            "quick_gelu": False}
+
+
+class LatentPool:
+    """Scenes with their clean CLIP embeddings and model-space latents, refreshed in slices."""
+
+    def __init__(self, world, mc_clip, vae, model, size: int, rng: np.random.Generator):
+        self.world, self.mc_clip, self.vae, self.model, self.rng = world, mc_clip, vae, model, rng
+        self.size = size
+        self.clean, self.latents = None, None
+        self.fill(0, size)
+
+    @torch.no_grad()
+    def encode(self, n: int):
+        x, _ = common.world_batch(self.world, self.rng, n)
+        images = x.permute(0, 2, 3, 1)
+        clean = self.mc_clip.encode_image(images).float().cpu()
+        latents = self.model.model.process_latent_in(self.vae.encode(images).float()).cpu()
+        return clean, latents
+
+    def fill(self, start: int, count: int):
+        parts = [self.encode(min(64, count - i)) for i in range(0, count, 64)]
+        clean, latents = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if self.clean is None:
+            self.clean, self.latents = clean, latents
+        else:
+            self.clean[start:start + count], self.latents[start:start + count] = clean, latents
+
+    def batch(self, n: int, generator: torch.Generator):
+        index = torch.randperm(self.size, generator=generator)[:n]
+        return self.clean[index], self.latents[index]
+
+
+@torch.no_grad()
+def evaluate(sdg, encoder, world, mc_clip, vae, model, sampling, n: int, device, seed: int = 0) -> dict:
+    """On held-out scenes: cosine of the encoder (noised latents) with the clean CLIP, and top-1
+    retrieval of the right clean scene among n, at several noise levels of the model's schedule."""
+    encoder.eval()
+    seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + n))
+    images, _ = world.batch(seeds)
+    images = torch.from_numpy(images).float().div(255)
+    clean = mc_clip.encode_image(images).float().to(device)
+    latents = model.model.process_latent_in(vae.encode(images).float()).to(device)
+    table = sampling.sigmas.float()
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for label, index in (("lowest", 0), ("t=250", 249), ("t=500", 499), ("t=750", 749), ("highest", table.numel() - 1)):
+        sigma = table[index].to(device).expand(n)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        emb, _ = encoder(sampling.calculate_input(sigma, sampling.noise_scaling(sigma, noise, latents)), sigma)
+        sims = emb @ clean.T
+        out[label] = {"sigma": round(float(table[index]), 4), "cosine_with_clean_clip": round(float(sims.diag().mean()), 4),
+                      "top1_among_n": round(float((sims.argmax(1) == torch.arange(n, device=device)).float().mean()), 4)}
+    out["n"] = n
+    return out
+
+
+def main(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0], steps=100000, batch=64, lr=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (the paper's 1e-3)")
+    p.add_argument("--pool", type=int, default=2048, help="scenes encoded at a time")
+    p.add_argument("--pool-refresh", type=int, default=200, help="re-render a sixteenth of the pool every this many steps")
+    p.add_argument("--eval-scenes", type=int, default=256)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.steps, args.batch, args.pool, args.eval_scenes = min(args.steps, 3), 4, 8, 4
+    comfy_env.setup()
+    world = importlib.import_module("mc_shapes_world.world")
+    models = importlib.import_module("mc_shapes_world.models")
+    sdg = load_sdg_algorithms()
+
+    run = common.Run("noise_aware", args)
+    bundle = models.load_bundle("trained")
+    mc_clip, vae, model = bundle["mc_clip"], bundle["vae"], bundle["model"]
+    sampling = model.get_model_object("model_sampling")
+    latent_format = model.model.latent_format
+    record = sdg.EncoderRecord(vision_config=vision_config(mc_clip.model.visual),
+                               latent_channels=int(latent_format.latent_channels),
+                               latent_format=type(latent_format).__name__, scale_factor=float(latent_format.scale_factor),
+                               trained_from=f"shapes_world dual encoder ({models.CLIP_FILE})")
+    encoder = sdg.NoiseAwareEncoder(mc_clip.model.visual, record.latent_channels)
+    if run.resume_from(WEIGHTS_FILE):
+        old = sdg.read_encoder_record(run.out / WEIGHTS_FILE)
+        if (old.latent_format, old.latent_channels) != (record.latent_format, record.latent_channels) or \
+                abs(old.scale_factor - record.scale_factor) > 1e-6:
+            raise SystemExit(f"--resume: {WEIGHTS_FILE} was trained for other latents ({old.latent_format}, scale "
+                             f"{old.scale_factor}); the VAE changed: train afresh")
+        encoder.load_state_dict(models.load_weights(run.out / WEIGHTS_FILE))
+    encoder = encoder.to(run.device).requires_grad_(True)
+    optimizer = sdg.make_optimizer(encoder, lr=args.lr, weight_decay=args.weight_decay)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    pool = LatentPool(world, mc_clip, vae, model, args.pool, rng)
+    table = sampling.sigmas
+
+    def save():
+        sdg.save_encoder(encoder, record, run.out / WEIGHTS_FILE, fp16=True)
+
+    while not run.done():
+        clean, latents = pool.batch(args.batch, generator)
+        sigmas = sdg.sample_sigmas(args.batch, table, float(sampling.sigma_min), float(sampling.sigma_max), generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        latents, sigmas, noise = latents.to(run.device), sigmas.to(run.device), noise.to(run.device)
+        noisy_input = sampling.calculate_input(sigmas, sampling.noise_scaling(sigmas, noise, latents))
+        loss = sdg.training_step(encoder, optimizer, noisy_input, sigmas, clean.to(run.device))
+        run.log(loss)
+        if run.step % args.pool_refresh == 0:
+            slice_size = max(1, args.pool // 16)
+            start = int(rng.integers(0, max(args.pool - slice_size, 0) + 1))
+            pool.fill(start, min(slice_size, args.pool - start))
+        if run.should_save():
+            save()
+
+    save()
+    encoder.requires_grad_(False)
+    metrics = evaluate(sdg, encoder, world, mc_clip, vae, model, sampling, args.eval_scenes, run.device, seed=args.seed)
+    rec = run.record(WEIGHTS_FILE, heldout=metrics, weight_decay=args.weight_decay, pool=args.pool,
+                     vae_record=models.read_record(models.WEIGHTS_DIR / models.VAE_FILE).get("finished_utc"),
+                     encoder_record=sdg.encoder_metadata(record),
+                     final_loss_definition=f"symmetric cross-entropy (both directions summed) over a batch of {args.batch}, "
+                                           f"logit scale {sdg.LOGIT_SCALE:g} (chance = 2 ln {args.batch} = {2 * np.log(args.batch):.3f})",
+                     stored_dtype="float16")
+    print(f"[noise_aware] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.4f}; "
+          + ", ".join(f"{k}: cos {v['cosine_with_clean_clip']:.3f} top-1 {v['top1_among_n']:.3f}" for k, v in metrics.items()
+                      if isinstance(v, dict)), flush=True)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
