@@ -31,6 +31,7 @@ def retrieval_accuracy(wrapper, world, seeds) -> dict:
 def main(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], steps=100000, batch=64, lr=5e-4)
     p.add_argument("--warmup", type=int, default=100)
+    common.add_speed_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.warmup = min(args.steps, 3), 4, 1
@@ -49,7 +50,8 @@ def main(argv=None):
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: common.lr_factor(run, args.warmup, args.lr_schedule))
+    scenes = common.SceneSet(args.dataset) if args.dataset else None
     loss_fn = open_clip.loss.ClipLoss()
     rng = np.random.default_rng(args.seed)
     eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 256)))
@@ -58,11 +60,12 @@ def main(argv=None):
         models.save_weights(model.state_dict(), run.out / models.CLIP_FILE, fp16=True)
 
     while not run.done():
-        x, captions = common.world_batch(world, rng, args.batch)
+        x, captions = common.scene_batches(world, rng, args.batch, scenes)
         pixels = wrapper.preprocess(x.permute(0, 2, 3, 1))
         tokens = wrapper.tokenize(captions).to(run.device)
-        fi, ft, logit_scale = model(pixels, tokens)
-        loss = loss_fn(fi, ft, logit_scale)
+        with common.autocast(run.device, args.amp):
+            fi, ft, logit_scale = model(pixels, tokens)
+        loss = loss_fn(fi.float(), ft.float(), logit_scale.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -5,10 +5,22 @@ ComfyUI text encoder gives (exactly CLIPTextEncode's output, frozen), with capti
 the empty prompt's encoding so classifier-free guidance works, and an EMA of the weights
 (diffusers' EMAModel). Latents are the trained VAE's posterior means times its scale factor.
 
+With `--train-text-encoder` the text tower is trained jointly with the UNet by the same
+denoising loss (GLIDE's recipe): the contrastive dual encoder's token embeddings need not
+carry "red circle" against "blue square", the jointly trained ones must, or the loss stays
+high. It starts from the dual encoder's text tower and is saved as text_encoder.safetensors
+(open_clip text-tower keys), which the shapes-world loader then gives to CLIPTextEncode.
+
+`--dataset` trains on a scene set pre-rendered by `training.make_dataset`, encoded to latents
+once (the GPU path); without it a pool of fresh scenes grows every step (the CPU path).
+`--min-snr 5` weights each timestep's loss by min(SNR, 5) / SNR (Hang et al. 2023).
+
 Needs vae.safetensors and clip.safetensors in --models (falls back to random weights with a
 warning, which is only useful for testing the command).
 
     python -m training.train_unet --minutes 90 --out models/shapes_world
+    python -m training.train_unet --dataset /dev/shm/shapes --train-text-encoder --batch 256 \
+        --lr-schedule cosine --min-snr 5 --minutes 8 --out models/shapes_world   # on a GPU
 """
 from __future__ import annotations
 
@@ -58,6 +70,36 @@ def encode_text(clip, captions: list[str]) -> torch.Tensor:
     return torch.cat([clip.encode_from_tokens_scheduled(clip.tokenize(t))[0][0] for t in captions]).float()
 
 
+class TextTower(torch.nn.Module):
+    """open_clip's text tower up to its final LayerNorm, trainable: token ids (B, 77) as ComfyUI's
+    SD1 tokenizer gives them -> one embedding per token, equal to what the converted ComfyUI
+    text encoder (CLIPTextEncode) gives for the same ids."""
+
+    KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+
+    def __init__(self, open_clip_model):
+        super().__init__()
+        self.token_embedding = open_clip_model.token_embedding
+        self.positional_embedding = open_clip_model.positional_embedding
+        self.transformer = open_clip_model.transformer
+        self.ln_final = open_clip_model.ln_final
+        self.register_buffer("attn_mask", open_clip_model.attn_mask, persistent=False)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        return self.ln_final(x)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for eps-prediction: min(SNR, gamma) / SNR (1 where gamma <= 0)."""
+    if gamma <= 0:
+        return torch.ones_like(t, dtype=torch.float32)
+    a = alphas_cumprod.to(t.device)[t].float()
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
 def main(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], steps=1000000, batch=16, lr=3e-4)
     p.add_argument("--models", type=str, default=None, help="folder with vae/clip weights (default: --out)")
@@ -69,6 +111,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps for the final sample grid")
     p.add_argument("--sample-prompts", type=int, default=8, help="held-out captions sampled for the final grid")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the text tower jointly (saved as text_encoder.safetensors)")
+    p.add_argument("--text-lr-scale", type=float, default=0.5, help="text tower lr = lr * this")
+    p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR-gamma loss weighting (0 = uniform)")
+    common.add_speed_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.initial, args.fresh, args.sample_steps = min(args.steps, 2), 2, 4, 1, 1
@@ -82,7 +129,7 @@ def main(argv=None):
     src = common.pathlib.Path(args.models) if args.models else run.out
     have = models.weights_status(src)
 
-    ae = models.build_autoencoder(seed=args.seed)
+    ae = models.build_autoencoder(seed=args.seed, ddconfig=models.vae_ddconfig_of(src / models.VAE_FILE))
     scale = models.DEFAULT_SCALE_FACTOR
     if have["vae"]:
         ae.load_state_dict(models.load_weights(src / models.VAE_FILE))
@@ -93,16 +140,29 @@ def main(argv=None):
     oc = models.build_open_clip(models.load_weights(src / models.CLIP_FILE) if have["clip"] else None, seed=args.seed + 1)
     if not have["clip"]:
         logging.warning("[unet] no trained CLIP in %s: UNTRAINED random text encoder (testing only)", src)
+    text_file = run.out / models.TEXT_ENCODER_FILE
+    if args.train_text_encoder and args.resume and text_file.exists():
+        oc.load_state_dict(models.load_weights(text_file), strict=False)
+        print(f"[unet] text tower resumed from {text_file}", flush=True)
+    elif not args.train_text_encoder and (src / models.TEXT_ENCODER_FILE).exists():
+        oc.load_state_dict(models.load_weights(src / models.TEXT_ENCODER_FILE), strict=False)
     clip = models.build_comfy_clip(oc)
     empty = encode_text(clip, [""])[0]
+    text_tower = TextTower(oc).to(run.device).train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
+    tokenize = importlib.import_module("training.make_dataset").comfy_sd1_tokens
+    empty_tokens = torch.from_numpy(tokenize([""]).astype("int64")).to(run.device)
 
     base = models.build_base_model(scale, seed=args.seed + 2)
     if run.resume_from(models.UNET_FILE):  # continues from the saved (EMA) weights
         base.diffusion_model.load_state_dict(models.load_weights(run.out / models.UNET_FILE))
     unet = base.diffusion_model.to(run.device).train()
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    trained = list(unet.parameters()) + (list(text_tower.parameters()) if args.train_text_encoder else [])
+    ema = EMAModel(trained, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+    groups = [{"params": list(unet.parameters()), "lr": args.lr, "weight_decay": 0.01}]
+    if args.train_text_encoder:  # no decay: unused token rows must keep their values
+        groups.append({"params": list(text_tower.parameters()), "lr": args.lr * args.text_lr_scale, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: common.lr_factor(run, args.warmup, args.lr_schedule))
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                 beta_schedule="scaled_linear", prediction_type="epsilon")
     # the schedule is ComfyUI's own SD1 schedule (checked here, and in the tests)
@@ -114,50 +174,91 @@ def main(argv=None):
     pool = LatentBuffer(args.pool, run.device)
 
     @torch.no_grad()
+    def encode_latents(x):
+        return ae.quant_conv(ae.encoder(x.to(run.device) * 2 - 1)).chunk(2, dim=1)[0] * scale
+
+    @torch.no_grad()
     def add_scenes(n):
         x, captions = common.world_batch(world, rng, n)
-        mean = ae.quant_conv(ae.encoder(x.to(run.device) * 2 - 1)).chunk(2, dim=1)[0]
-        pool.add((mean * scale).cpu(), encode_text(clip, captions).to(torch.float16).cpu(), captions)
+        pool.add(encode_latents(x).cpu(), tokenize(captions).astype("int64") if args.train_text_encoder
+                 else encode_text(clip, captions).to(torch.float16).cpu(), captions)
 
-    for i in range(0, args.initial, 32):
-        add_scenes(min(32, args.initial - i))
-    print(f"[unet] latent scale factor {scale:.4f}, pool {len(pool)} scenes to start", flush=True)
+    if args.dataset:  # the whole pre-rendered set, encoded once, kept on the device
+        scenes = common.SceneSet(args.dataset)
+        chunks = []
+        for i in range(0, len(scenes), 512):
+            x = torch.from_numpy(np.ascontiguousarray(scenes.images[i:i + 512])).float().div(255).permute(0, 3, 1, 2)
+            with common.autocast(run.device, args.amp):
+                chunks.append(encode_latents(x).float().to(torch.float16))
+        all_latents = torch.cat(chunks)
+        all_tokens = torch.from_numpy(scenes.tokens.astype("int64")).to(run.device)
+        print(f"[unet] {len(scenes)} pre-rendered scenes encoded, latent std {all_latents.float().std():.3f}", flush=True)
+    else:
+        for i in range(0, args.initial, 32):
+            add_scenes(min(32, args.initial - i))
+    print(f"[unet] latent scale factor {scale:.4f}, {len(pool) or len(all_latents)} scenes to start", flush=True)
 
-    def ema_state_dict():
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-        sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        ema.restore(unet.parameters())
-        return sd
+    def draw_batch():
+        """(z0, context or token ids) for one step."""
+        if args.dataset:
+            idx = torch.randint(0, len(all_latents), (args.batch,), device=run.device)
+            return all_latents[idx].float(), all_tokens[idx]
+        add_scenes(args.fresh)
+        idx = rng.integers(0, len(pool), size=args.batch)
+        z0 = torch.stack([pool.latents[i] for i in idx]).to(run.device).float()
+        cond = torch.stack([torch.as_tensor(pool.context[i]) for i in idx]).to(run.device)
+        return z0, cond
+
+    def ema_state_dicts():
+        ema.store(trained)
+        ema.copy_to(trained)
+        unet_sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        text_sd = {k: v.detach().clone() for k, v in text_tower.state_dict().items()}
+        ema.restore(trained)
+        return unet_sd, text_sd
 
     def save():
-        models.save_weights(ema_state_dict(), run.out / models.UNET_FILE, fp16=True)
+        unet_sd, text_sd = ema_state_dicts()
+        models.save_weights(unet_sd, run.out / models.UNET_FILE, fp16=True)
+        if args.train_text_encoder:
+            models.save_weights(text_sd, run.out / models.TEXT_ENCODER_FILE, fp16=True)
 
     while not run.done():
-        add_scenes(args.fresh)
-        z0, ctx = pool.sample(rng, args.batch)
+        z0, cond = draw_batch()
         drop = torch.from_numpy(rng.random(args.batch) < args.cond_drop).to(run.device)
-        ctx = torch.where(drop[:, None, None], empty.to(run.device)[None], ctx)
         noise = torch.randn_like(z0)
-        t = torch.from_numpy(rng.integers(0, 1000, size=args.batch)).to(run.device)
+        t = torch.randint(0, 1000, (args.batch,), device=run.device)
         zt = noise_sched.add_noise(z0, noise, t)
-        pred = unet(zt, timesteps=t.float(), context=ctx, transformer_options={})
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        with common.autocast(run.device, args.amp):
+            if args.train_text_encoder:
+                ctx = text_tower(torch.where(drop[:, None], empty_tokens, cond))
+            else:
+                ctx = torch.where(drop[:, None, None], empty.to(run.device)[None], cond.float())
+            pred = unet(zt, timesteps=t.float(), context=ctx, transformer_options={})
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(noise_sched.alphas_cumprod, t, args.min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         lr_sched.step()
-        ema.step(unet.parameters())
-        run.log(loss.item(), pool=len(pool))
+        ema.step(trained)
+        run.log(per_sample.mean().item(), weighted=loss.item(), lr=lr_sched.get_last_lr()[0])
         if run.should_save():
             save()
 
     save()
-    samples = sample_grid(models, world, run, scale, oc, ae, args)
+    if args.train_text_encoder:  # sample with the text tower just trained (its EMA weights)
+        oc.load_state_dict(models.load_weights(run.out / models.TEXT_ENCODER_FILE), strict=False)
+    samples = sample_grid(models, world, run, scale, oc, ae, args) if args.sample_prompts > 0 else {}
+    seen = run.step * args.batch
     rec = run.record(models.UNET_FILE, scale_factor=scale, cond_drop=args.cond_drop, ema_decay=args.ema_decay,
-                     scenes_seen=len(pool) + pool.next, vae_trained=have["vae"], clip_trained=have["clip"],
-                     final_loss_definition="MSE of predicted vs true noise (eps), uniform timesteps",
+                     scenes_seen=len(pool) + pool.next if not args.dataset else len(all_latents),
+                     samples_seen=seen, vae_trained=have["vae"], clip_trained=have["clip"],
+                     text_encoder=(models.TEXT_ENCODER_FILE + " (trained jointly)") if args.train_text_encoder
+                     else "dual encoder's text tower (frozen)", min_snr_gamma=args.min_snr,
+                     lr_schedule=args.lr_schedule, dataset=str(args.dataset) if args.dataset else "fresh scenes",
+                     final_loss_definition="MSE of predicted vs true noise (eps), uniform timesteps (unweighted)",
                      schedule="SD1 discrete: scaled_linear 0.00085..0.012, 1000 steps", stored_dtype="float16 (EMA)",
                      **samples)
     print(f"[unet] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.5f}",

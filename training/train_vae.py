@@ -47,6 +47,11 @@ def main(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], steps=100000, batch=8, lr=2e-4)
     p.add_argument("--crop", type=int, default=64, help="random crop size for training (128 = whole images)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-element mean KL")
+    p.add_argument("--ch", type=int, default=None, help="base channel width (a multiple of 32; default: the "
+                   "shipped architecture's, or the resumed weights')")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the file)")
+    common.add_speed_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.crop = min(args.steps, 3), 2, 32
@@ -55,26 +60,34 @@ def main(argv=None):
     models = importlib.import_module("mc_shapes_world.models")
 
     run = common.Run("vae", args)
-    model = models.build_autoencoder(seed=args.seed)
-    if run.resume_from(models.VAE_FILE):
+    resuming = run.resume_from(models.VAE_FILE)
+    ddconfig = models.vae_ddconfig_of(run.out / models.VAE_FILE) if resuming else dict(models.VAE_DDCONFIG)
+    if args.ch and not resuming:
+        ddconfig["ch"] = args.ch
+    model = models.build_autoencoder(seed=args.seed, ddconfig=ddconfig)
+    if resuming:
         model.load_state_dict(models.load_weights(run.out / models.VAE_FILE))
     model = model.to(run.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: common.lr_factor(run, args.warmup, args.lr_schedule))
+    scenes = common.SceneSet(args.dataset) if args.dataset else None
     rng = np.random.default_rng(args.seed)
-    eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 64)))
+    eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 256)))
 
     def save():
-        models.save_weights(model.state_dict(), run.out / models.VAE_FILE, fp16=False)
+        models.save_weights(model.state_dict(), run.out / models.VAE_FILE, fp16=args.fp16)
 
     while not run.done():
-        x, _ = common.world_batch(world, rng, args.batch)
+        x, _ = common.scene_batches(world, rng, args.batch, scenes)
         if args.crop < 128:
             i, j = rng.integers(0, 128 - args.crop + 1, size=2)
             x = x[:, :, i:i + args.crop, j:j + args.crop]
-        x = x.to(run.device) * 2 - 1
-        mean, logvar = posterior(model, x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        rec = decode(model, z)
+        x = x.to(run.device, non_blocking=True) * 2 - 1
+        with common.autocast(run.device, args.amp):
+            mean, logvar = posterior(model, x)
+            z = mean + torch.exp(0.5 * logvar.float()) * torch.randn_like(mean.float())
+            rec = decode(model, z).float()
+        mean, logvar = mean.float(), logvar.float()
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -83,6 +96,7 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         run.log((l1 + mse).item(), kl=kl.item())
         if run.should_save():
             save()
@@ -92,6 +106,7 @@ def main(argv=None):
     save()
     common.save_image_grid(torch.cat([ev["input"][:8], ev["recon"][:8]]).cpu(), run.out / "vae_samples.png")
     rec = run.record(models.VAE_FILE, scale_factor=scale, heldout_psnr_db=ev["psnr"], latent_std=ev["latent_std"],
+                     ddconfig=ddconfig, dataset=str(args.dataset) if args.dataset else "fresh scenes per step",
                      latent_mean=ev["latent_mean"], crop=args.crop, kl_weight=args.kl_weight,
                      final_loss_definition="L1 + MSE on [-1, 1] pixels (KL excluded)",
                      samples="vae_samples.png (top: held-out inputs, bottom: reconstructions)")

@@ -25,6 +25,9 @@ import torch
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models" / "shapes_world"
 VAE_FILE, CLIP_FILE, UNET_FILE = "vae.safetensors", "clip.safetensors", "unet.safetensors"
+# The text tower CLIPTextEncode uses, trained jointly with the UNet (open_clip text-tower keys);
+# without it the dual encoder's own text tower is used.
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
 
 IMAGE_SIZE = 128
 LATENT_CHANNELS = 4
@@ -107,17 +110,27 @@ def save_weights(sd: dict[str, torch.Tensor], path: pathlib.Path, fp16: bool = T
 # ---------------------------------------------------------------------------------------------
 # VAE
 
-def build_autoencoder(seed: int = 0):
+def vae_config(ddconfig: dict | None = None) -> dict:
+    """AutoencoderKL's config: the default architecture, or the one a weights record names."""
+    return {"params": {"embed_dim": LATENT_CHANNELS, "ddconfig": dict(ddconfig or VAE_DDCONFIG)}}
+
+
+def vae_ddconfig_of(weights_file: pathlib.Path) -> dict:
+    """The architecture a VAE weights file was trained with (its record), else the default."""
+    return dict(read_record(weights_file).get("ddconfig") or VAE_DDCONFIG)
+
+
+def build_autoencoder(seed: int = 0, ddconfig: dict | None = None):
     """The bare `comfy.ldm.models.autoencoder.AutoencoderKL` (trainable in plain torch)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    return seeded_init(AutoencoderKL(**VAE_CONFIG["params"]), seed)
+    return seeded_init(AutoencoderKL(**vae_config(ddconfig)["params"]), seed)
 
 
-def build_vae(state_dict: dict | None = None, seed: int = 0):
+def build_vae(state_dict: dict | None = None, seed: int = 0, ddconfig: dict | None = None):
     """A `comfy.sd.VAE` (what VAEEncode/VAEDecode take); random seeded weights if no state dict."""
     import comfy.sd
-    sd = dict(state_dict) if state_dict else build_autoencoder(seed).state_dict()
-    return comfy.sd.VAE(sd=sd, config=VAE_CONFIG, dtype=torch.float32)
+    sd = dict(state_dict) if state_dict else build_autoencoder(seed, ddconfig).state_dict()
+    return comfy.sd.VAE(sd=sd, config=vae_config(ddconfig), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +303,17 @@ def load_bundle(weights: str = "trained", seed: int = 0, weights_dir: pathlib.Pa
     use = weights_status(weights_dir) if weights == "trained" else {"vae": False, "clip": False, "unet": False}
 
     vae_sd = load_weights(weights_dir / VAE_FILE) if use["vae"] else None
-    vae = build_vae(vae_sd, seed=seed)
+    vae = build_vae(vae_sd, seed=seed, ddconfig=vae_ddconfig_of(weights_dir / VAE_FILE) if use["vae"] else None)
     scale = float(read_record(weights_dir / VAE_FILE).get("scale_factor", DEFAULT_SCALE_FACTOR)) if use["vae"] \
         else DEFAULT_SCALE_FACTOR
 
-    oc = build_open_clip(load_weights(weights_dir / CLIP_FILE) if use["clip"] else None, seed=seed + 1)
-    clip = build_comfy_clip(oc)
+    clip_sd = load_weights(weights_dir / CLIP_FILE) if use["clip"] else None
+    oc = build_open_clip(clip_sd, seed=seed + 1)
+    text_oc = oc
+    if use["clip"] and weights == "trained" and (weights_dir / TEXT_ENCODER_FILE).exists():
+        text_oc = build_open_clip(clip_sd, seed=seed + 1)
+        text_oc.load_state_dict(load_weights(weights_dir / TEXT_ENCODER_FILE), strict=False)
+    clip = build_comfy_clip(text_oc)
     mc_clip = ShapesWorldCLIP(oc, device=comfy.model_management.get_torch_device(), trained=use["clip"])
 
     unet_sd = load_weights(weights_dir / UNET_FILE) if use["unet"] else None
