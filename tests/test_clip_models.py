@@ -124,3 +124,21 @@ def test_rank_by_clip_with_an_open_clip_model(clip_models, tiny_open_clip, pack_
     assert [int(v) for v in out_latent["samples"][:, 0, 0, 0]] == expected
     assert torch.equal(out_images, images[expected])
     assert scores.splitlines()[0].startswith(f"1. image {expected[0]}:")
+
+
+def test_comfy_pair_of_different_embedding_sizes_is_refused(clip_models, glue, tiny_clip, tmp_path):
+    """An image tower and a text encoder of different embedding sizes are not one CLIP: refused at the
+    node, naming both inputs, instead of a shape error later in ranking or guidance."""
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
+              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
+              "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+              "patch_size": 16, "projection_dim": 512, "torch_dtype": "float32"}
+    path = tmp_path / "tiny_vision_512.json"
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    tiny_models.seeded_init(vision.model, 4)
+    with pytest.raises(glue.NodeInputError, match=r"MC_CLIPFromComfy: input 'clip': the text encoder gives 768-wide "
+                                                  r"embeddings but the image tower \(input 'clip_vision'\) gives 512-wide"):
+        clip_models.CLIPFromComfy.execute(vision, tiny_clip)
