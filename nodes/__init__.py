@@ -2,8 +2,9 @@
 
 Layout: `nodes/<technique>.py` holds the thin node classes (inputs, validation, a call,
 outputs); `nodes/algorithms/` holds plain-torch code that knows nothing of ComfyUI;
-`nodes/glue.py` is the one place that touches ComfyUI internals (patching, guiders,
-model access, inference mode).
+the `nodes/glue/` package is the one place that touches ComfyUI internals (patching, guiders,
+samplers, model access, inference mode; its `__init__.py` lists its modules);
+`nodes/shapes_world/` holds the demo world, its detector and the demo models' build/load code.
 """
 from __future__ import annotations
 
