@@ -23,6 +23,7 @@ TECHNIQUE_MODULES = [
     "blended",
     "shapes_world_loader",
     "sdg",
+    "composition",
 ]
 
 

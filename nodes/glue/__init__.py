@@ -106,3 +106,4 @@ from .attention import SEGFREE_KEY, SEGMAP_KEY, TOKEN_MAP_KEY  # noqa: E402,F401
 from .sampling import *  # noqa: E402,F401,F403
 from .joint_attention import *  # noqa: E402,F401,F403
 from .guidance import *  # noqa: E402,F401,F403
+from .composition import *  # noqa: E402,F401,F403
