@@ -144,16 +144,24 @@ class ComfyCLIPPair:
         comfy.model_management.load_model_gpu(self.clip_vision.patcher)
         device = self.clip_vision.load_device
         pixels = preprocess(images.to(device), self.image_size, self.mean, self.std)
+        from comfy.ldm.modules.attention import optimized_attention_for_device
+
         model = self.clip_vision.model
-        pixels = pixels.to(next(model.parameters()).dtype)
-        last, hidden, embedding, _ = model(pixel_values=pixels, intermediate_output="all" if layers else None)
+        vision = model.vision_model
+        x = vision.pre_layrnorm(vision.embeddings(pixels.to(next(model.parameters()).dtype)))
+        attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
         maps = []
-        if layers:
-            tokens = hidden[:, :, 1:]  # (B, blocks, patches, C) without the class token
-            side = int(round(tokens.shape[2] ** 0.5))
-            for i in layers:
-                t = tokens[:, i].float()
-                maps.append(t.reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2))
+        # ComfyUI's CLIPLayer adds its residuals in place, which autograd cannot differentiate:
+        # the same layers, called out of place.
+        for i, layer in enumerate(vision.encoder.layers):
+            x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
+            x = x + layer.mlp(layer.layer_norm2(x))
+            if i in layers:
+                tokens = x[:, 1:].float()  # the patch tokens, without the class token
+                side = int(round(tokens.shape[1] ** 0.5))
+                maps.append(tokens.reshape(tokens.shape[0], side, side, -1).permute(0, 3, 1, 2))
+        pooled = vision.post_layernorm(x) if getattr(vision, "output_layernorm", False) else vision.post_layernorm(x[:, 0, :])
+        embedding = model.visual_projection(pooled)
         return F.normalize(embedding.float(), dim=-1), maps
 
     def feature_stages(self) -> int:

@@ -282,6 +282,21 @@ class NoiseAwareEncoderLoader(io.ComfyNode):
         return io.NodeOutput(_ENCODER_CACHE[key])
 
 
+PACK_DIR = pathlib.Path(__file__).resolve().parents[1]
+
+
+def resolve_folder(folder: str) -> pathlib.Path:
+    """An absolute folder as given; a relative one inside ComfyUI's input folder, else inside the pack
+    (where the example workflow's scenes are)."""
+    path = pathlib.Path(folder).expanduser()
+    if path.is_absolute():
+        return path
+    for root in (pathlib.Path(folder_paths.get_input_directory()), PACK_DIR):
+        if (root / path).is_dir():
+            return root / path
+    return pathlib.Path(folder_paths.get_input_directory()) / path
+
+
 class TrainNoiseAwareEncoder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -300,7 +315,8 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
                                                 "schedule are what the encoder learns to read."),
                 io.Vae.Input("vae", tooltip="The model's VAE (encodes your images to latents)."),
                 io.String.Input("folder", default="", tooltip="A folder of your images (png/jpg/webp), used with or "
-                                                             "instead of the 'images' input."),
+                                                             "instead of the 'images' input. A relative path is looked "
+                                                             "up in ComfyUI's input folder."),
                 io.String.Input("name", default="noise_aware_encoder", tooltip="File name (without extension)."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimiser steps."),
                 io.Int.Input("batch_size", default=32, min=2, max=1024,
@@ -332,7 +348,7 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
             pictures.append(images[..., :3])
         if folder.strip():
             try:
-                pictures.append(glue.images_from_folder(folder.strip(), resolution))
+                pictures.append(glue.images_from_folder(resolve_folder(folder.strip()), resolution))
             except ValueError as e:
                 raise glue.NodeInputError(node, "folder", str(e)) from None
         if not pictures:

@@ -59,18 +59,21 @@ class LatentPool:
         images = x.permute(0, 2, 3, 1)
         clean = self.mc_clip.encode_image(images).float().cpu()
         latents = self.model.model.process_latent_in(self.vae.encode(images).float()).cpu()
-        return clean, latents
+        return clean, latents, (images * 255).round().to(torch.uint8)
 
     def fill(self, start: int, count: int):
         parts = [self.encode(min(64, count - i)) for i in range(0, count, 64)]
-        clean, latents = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        clean, latents, images = (torch.cat([p[k] for p in parts]) for k in range(3))
         if self.clean is None:
-            self.clean, self.latents = clean, latents
+            self.clean, self.latents, self.images = clean, latents, images
         else:
             self.clean[start:start + count], self.latents[start:start + count] = clean, latents
+            self.images[start:start + count] = images
 
-    def batch(self, n: int, generator: torch.Generator):
+    def batch(self, n: int, generator: torch.Generator, with_images: bool = False):
         index = torch.randperm(self.size, generator=generator)[:n]
+        if with_images:
+            return self.clean[index], self.latents[index], self.images[index].float() / 255
         return self.clean[index], self.latents[index]
 
 
@@ -104,9 +107,13 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=2048, help="scenes encoded at a time")
     p.add_argument("--pool-refresh", type=int, default=200, help="re-render a sixteenth of the pool every this many steps")
     p.add_argument("--eval-scenes", type=int, default=256)
+    p.add_argument("--stem-warmup", type=int, default=300,
+                   help="steps of the latent stem's warm-up (regressing the pixel stem on clean latents) before the "
+                        "fine-tune; 0 = none")
+    p.add_argument("--stem-lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     if args.tiny:
-        args.steps, args.batch, args.pool, args.eval_scenes = min(args.steps, 3), 4, 8, 4
+        args.steps, args.batch, args.pool, args.eval_scenes, args.stem_warmup = min(args.steps, 3), 4, 8, 4, 2
     comfy_env.setup()
     world = importlib.import_module("mc_shapes_world.world")
     models = importlib.import_module("mc_shapes_world.models")
@@ -138,6 +145,21 @@ def main(argv=None):
 
     def save():
         sdg.save_encoder(encoder, record, run.out / WEIGHTS_FILE, fp16=True)
+
+    resumed = bool(run.step_offset)
+    if args.stem_warmup and not resumed:
+        stem_optimizer = torch.optim.AdamW(encoder.stem.parameters(), lr=args.stem_lr, weight_decay=0.0)
+        visual = mc_clip.model.visual
+        for i in range(args.stem_warmup):
+            _, latents, images = pool.batch(args.batch, generator, with_images=True)
+            with torch.no_grad():
+                target = sdg.pixel_stem_features(visual, mc_clip.preprocess(images))
+            sigma0 = float(table[0])
+            clean_input = sampling.calculate_input(torch.full((latents.shape[0],), sigma0), latents).to(run.device)
+            stem_loss = sdg.stem_warmup_step(encoder, stem_optimizer, clean_input, target.to(run.device), sigma0)
+            if i % 50 == 0 or i == args.stem_warmup - 1:
+                print(f"[noise_aware] stem warm-up {i + 1}/{args.stem_warmup}: normalised MSE {stem_loss:.4f}", flush=True)
+        run.extra["stem_warmup"] = {"steps": args.stem_warmup, "final_normalised_mse": round(stem_loss, 5), "lr": args.stem_lr}
 
     while not run.done():
         clean, latents = pool.batch(args.batch, generator)

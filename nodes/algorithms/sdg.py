@@ -386,6 +386,33 @@ def training_step(encoder: NoiseAwareEncoder, optimizer: torch.optim.Optimizer, 
     return float(loss.detach())
 
 
+def pixel_stem_features(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """What the clean tower's pixel stem gives its first stage (ResNet: conv1..avgpool; ViT: the
+    patch embedding): the target of the latent stem's warm-up."""
+    return visual.stem(pixels) if tower_kind(visual) == "resnet" else visual.conv1(pixels)
+
+
+def stem_warmup_step(encoder: NoiseAwareEncoder, optimizer: torch.optim.Optimizer, clean_latent_input: torch.Tensor,
+                     stem_target: torch.Tensor, sigma: float = 0.0) -> float:
+    """A warm-up of ours, before the paper's fine-tune: the new latent stem regresses the pixel
+    stem's output on clean latents (mean squared error, normalised by the target's variance), so
+    that the fine-tune starts from an encoder that already reads latents as CLIP reads pixels."""
+    encoder.train()
+    encoder._set_noise(torch.full((clean_latent_input.shape[0],), float(sigma)), clean_latent_input.shape[0],
+                       clean_latent_input.device)
+    try:
+        out = encoder.stem(clean_latent_input.float())
+    finally:
+        encoder.state.params = []
+    target = stem_target.detach().float()
+    loss = (out - target).pow(2).mean() / target.var().clamp_min(1e-8)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    encoder.eval()
+    return float(loss.detach())
+
+
 @dataclass
 class EncoderRecord:
     """What a saved encoder must say about itself (safetensors metadata): the tower it copies and

@@ -148,7 +148,13 @@ def _features_needed(terms: list[GuidanceTerm]) -> list[int]:
 def _term_value(term: GuidanceTerm, embedding, maps: dict, reference) -> torch.Tensor:
     """F_k of every sample given the sample's features and the reference's (emb, maps or grams)."""
     if term.kind == "text":
-        return algo.text_guidance(embedding, term.text_embedding.to(embedding.device))
+        text = term.text_embedding.to(embedding.device)
+        if text.shape[0] > 1:  # one text per sample
+            fitted = algo.fit_batch(text, embedding.shape[0])
+            if fitted is None:
+                raise NodeInputError(term.node, "text", f"{text.shape[0]} texts fit no batch of {embedding.shape[0]} samples")
+            text = fitted
+        return algo.text_guidance(embedding, text)
     ref_embedding, ref_maps = reference
     if term.kind == "content":
         return algo.content_guidance(embedding, ref_embedding)
