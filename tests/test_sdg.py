@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pathlib
 
 import pytest
@@ -374,17 +375,18 @@ def test_train_node_writes_resumable_encoder_and_lowers_loss(comfy_nodes, nodes_
     name = "mc_test_sdg_encoder"
     with torch.inference_mode():
         encoder, curve, info = nodes_sdg.TrainNoiseAwareEncoder.execute(
-            mc_clip, tiny_sd15, tiny_vae, str(folder), name, 12, 6, 64, 1e-3, 0, False,
+            mc_clip, tiny_sd15, tiny_vae, str(folder), name, 12, 6, 64, 1e-4, 0, False,
             images=sdg_fixtures.reference_images(2, 64, seed=22)).result
     out = pathlib.Path(folder_paths.get_folder_paths(glue.ENCODER_FOLDER)[0])
     record = glue.read_encoder_record(out / f"{name}.safetensors")
     assert record.latent_channels == 4 and record.latent_format == "SD15" and "12 steps on 8 images" in info
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and (out / f"{name}_loss.png").exists()
     history = json.loads((out / f"{name}.json").read_text())["loss_history"]
-    assert len(history) == 12 and min(v for _, v in history[-4:]) < history[0][1]
+    assert len(history) == 12 and all(math.isfinite(v) for _, v in history)
+    assert sum(v for _, v in history[-4:]) / 4 < sum(v for _, v in history[:4]) / 4  # it learns
     # resumable: 4 more steps continue from step 12
     with torch.inference_mode():
-        nodes_sdg.TrainNoiseAwareEncoder.execute(mc_clip, tiny_sd15, tiny_vae, str(folder), name, 16, 6, 64, 1e-3, 0, True)
+        nodes_sdg.TrainNoiseAwareEncoder.execute(mc_clip, tiny_sd15, tiny_vae, str(folder), name, 16, 6, 64, 1e-4, 0, True)
     assert len(json.loads((out / f"{name}.json").read_text())["loss_history"]) == 16
     # the loader lists and reads it
     assert f"{name}.safetensors" in nodes_sdg.encoder_options()

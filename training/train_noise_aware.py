@@ -111,6 +111,8 @@ def main(argv=None):
                    help="steps of the latent stem's warm-up (regressing the pixel stem on clean latents) before the "
                         "fine-tune; 0 = none")
     p.add_argument("--stem-lr", type=float, default=1e-3)
+    p.add_argument("--new-parts-lr-factor", type=float, default=10.0,
+                   help="the latent stem and the FiLM MLP (not in CLIP) learn this many times faster")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.pool, args.eval_scenes, args.stem_warmup = min(args.steps, 3), 4, 8, 4, 2
@@ -137,7 +139,8 @@ def main(argv=None):
                              f"{old.scale_factor}); the VAE changed: train afresh")
         encoder.load_state_dict(models.load_weights(run.out / WEIGHTS_FILE))
     encoder = encoder.to(run.device).requires_grad_(True)
-    optimizer = sdg.make_optimizer(encoder, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = sdg.make_optimizer(encoder, lr=args.lr, weight_decay=args.weight_decay,
+                                   new_parts_lr_factor=args.new_parts_lr_factor)
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     pool = LatentPool(world, mc_clip, vae, model, args.pool, rng)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 from dataclasses import dataclass, field, replace
 
@@ -412,14 +413,23 @@ def _loss_curve_image(losses: list[tuple[int, float]], path: pathlib.Path, title
 
     from ...training.common import save_loss_curve
 
-    save_loss_curve(losses, path, title=title)
+    save_loss_curve([(s, v) for s, v in losses if math.isfinite(v)], path, title=title)
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).float().div(255.0)[None]
 
 
+def _clip_pixels(mc_clip, images: torch.Tensor) -> torch.Tensor:
+    """The MC_CLIP's own preprocessing of BHWC [0, 1] images (what its pixel stem reads)."""
+    from ..clip_models import preprocess
+
+    if callable(getattr(mc_clip, "preprocess", None)):
+        return mc_clip.preprocess(images)
+    return preprocess(images, mc_clip.image_size, mc_clip.mean, mc_clip.std)
+
+
 def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.Tensor], path, steps: int,
                               batch_size: int, resolution: int, lr: float, seed: int, resume: bool, node: str,
-                              checkpoint_every: int = 200) -> dict:
+                              checkpoint_every: int = 200, warmup_steps: int | None = None) -> dict:
     """The self-supervised fine-tune on the user's images; returns {"encoder", "loss_curve", "info", "losses"}.
     Latents and the frozen CLIP's embeddings are computed once; each step noises a random batch at
     random levels of the model's own schedule."""
@@ -429,6 +439,7 @@ def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.
     from ..clip_models import vision_config
 
     path = pathlib.Path(path)
+    warmup_steps = min(200, max(1, steps // 4)) if warmup_steps is None else warmup_steps
     checkpoint = path.with_name(path.stem + ".checkpoint.safetensors")
     device = comfy.model_management.get_torch_device()
     sampling = model_patcher.get_model_object("model_sampling")
@@ -476,6 +487,17 @@ def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.
         optimizer = algo.make_optimizer(encoder, lr=lr)
         generator = torch.Generator().manual_seed(int(seed) + done)
         table = getattr(sampling, "sigmas", None)
+        if done == 0 and warmup_steps > 0:
+            stem_optimizer = torch.optim.AdamW(encoder.stem.parameters(), lr=1e-3, weight_decay=0.0)
+            sigma0 = float(table[0]) if table is not None else float(sampling.sigma_min)
+            for _ in range(warmup_steps):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                index = torch.randperm(latents.shape[0], generator=generator)[:batch_size]
+                with torch.no_grad():
+                    pixels = _clip_pixels(mc_clip, images[index])
+                    target = algo.pixel_stem_features(mc_clip.model.visual, pixels)
+                clean_input = sampling.calculate_input(torch.full((len(index),), sigma0), latents[index]).to(device)
+                algo.stem_warmup_step(encoder, stem_optimizer, clean_input, target.to(device), sigma0)
         bar = comfy.utils.ProgressBar(max(steps - done, 1))
         for step in range(done, steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -492,9 +514,11 @@ def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.
         encoder.requires_grad_(False).eval()
         save_noise_aware_encoder(encoder, record, path, fp16=True)
         save_noise_aware_encoder(encoder, record, checkpoint, fp16=False, extra={"steps_done": max(steps, done), "losses": json.dumps(losses)})
-    final = sum(v for _, v in losses[-20:]) / max(len(losses[-20:]), 1)
+    finite = [v for _, v in losses if math.isfinite(v)][-20:]
+    final = sum(finite) / max(len(finite), 1) if finite else float("nan")
     (path.with_suffix(".json")).write_text(json.dumps({
         "steps": max(steps, done), "batch_size": batch_size, "lr": lr, "weight_decay": 1e-3, "seed": seed,
+        "stem_warmup_steps": warmup_steps if done == 0 else 0,
         "images": int(images.shape[0]), "resolution": resolution, "final_loss": final,
         "record": encoder_metadata(record), "loss_history": [[s, round(v, 5)] for s, v in losses[:: max(1, len(losses) // 2000)]],
     }, indent=2) + "\n")
