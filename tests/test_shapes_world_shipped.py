@@ -1,5 +1,5 @@
 """The weights shipped in models/shapes_world: size, records, and that each model learned its job.
-Skipped for a model whose file is not in the checkout yet (the loader then uses random weights)."""
+A missing weights file fails these tests: the demo models are part of the pack."""
 import json
 import math
 

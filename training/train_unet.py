@@ -30,7 +30,7 @@ import logging
 import numpy as np
 import torch
 
-from . import comfy_env, common
+from . import comfy_env, common, make_dataset
 
 
 class LatentBuffer:
@@ -149,7 +149,7 @@ def main(argv=None):
     clip = models.build_comfy_clip(oc)
     empty = encode_text(clip, [""])[0]
     text_tower = TextTower(oc).to(run.device).train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
-    tokenize = importlib.import_module("training.make_dataset").comfy_sd1_tokens
+    tokenize = make_dataset.comfy_sd1_tokens
     empty_tokens = torch.from_numpy(tokenize([""]).astype("int64")).to(run.device)
 
     base = models.build_base_model(scale, seed=args.seed + 2)

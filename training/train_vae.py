@@ -53,8 +53,9 @@ def main(argv=None):
     p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the file)")
     common.add_speed_arguments(p)
     args = p.parse_args(argv)
-    if args.tiny:
-        args.steps, args.batch, args.crop = min(args.steps, 3), 2, 32
+    if args.tiny:  # 3 steps unless --steps says otherwise
+        args.steps = 3 if args.steps == p.get_default("steps") else args.steps
+        args.batch, args.crop = 2, 32
     sw = comfy_env.setup()
     world = importlib.import_module("mc_shapes_world.world")
     models = importlib.import_module("mc_shapes_world.models")
