@@ -229,9 +229,12 @@ def test_batch_each_sample_its_own_gradient_and_reference(comfy_nodes, nodes_sdg
     assert not torch.allclose(singles[0], singles[1])
 
 
-def test_runs_under_inference_mode_with_cfg_and_batch(comfy_nodes, nodes_sdg, mc_clip, encoder, tiny_sd15, tiny_vae, conds):
-    """As ComfyUI's executor runs nodes: inside torch.inference_mode(), batch 2, cfg > 1 and cfg 1."""
+def test_runs_under_inference_mode_with_cfg_and_batch(comfy_nodes, nodes_sdg, clip_models, encoder, tiny_sd15, tiny_vae, conds):
+    """As ComfyUI's executor runs nodes: inside torch.inference_mode(), batch 2, cfg > 1 and cfg 1,
+    with an MC_CLIP built there too (its weights are inference tensors, as a loader node's are)."""
     with torch.inference_mode():
+        mc_clip = sdg_fixtures.tiny_mc_clip(clip_models)
+        assert next(mc_clip.model.parameters()).is_inference()
         text = guidance_of(nodes_sdg, mc_clip, "text")
         content = guidance_of(nodes_sdg, mc_clip, "structure", refs=sdg_fixtures.reference_images(2))
         (both,) = nodes_sdg.CombineGuidance.execute(text, 1.0, content, 0.5).result

@@ -136,10 +136,42 @@ def check_encoder_fits(encoder_file: NoiseAwareEncoderFile, model_patcher, node:
 # ---------------------------------------------------------------------------------------------
 # The sampling hook
 
+_GRADIENT_READY: dict = {}
+
+
+def _has_inference_weights(module) -> bool:
+    return isinstance(module, torch.nn.Module) and any(p.is_inference() for p in module.parameters())
+
+
+def gradient_ready(mc_clip):
+    """The MC_CLIP itself, or a shallow copy whose torch module is a deep copy made outside inference
+    mode when its weights are inference tensors (a model built or moved inside ComfyUI's executor):
+    autograd cannot save those for backward. The copy is made once per MC_CLIP."""
+    import copy
+
+    key = id(mc_clip)
+    if key in _GRADIENT_READY and _GRADIENT_READY[key][0] is mc_clip:
+        return _GRADIENT_READY[key][1]
+    ready = mc_clip
+    with torch.inference_mode(False):
+        if _has_inference_weights(getattr(mc_clip, "model", None)):
+            ready = copy.copy(mc_clip)
+            ready.model = copy.deepcopy(mc_clip.model).requires_grad_(False)
+        vision = getattr(mc_clip, "clip_vision", None)
+        if vision is not None and _has_inference_weights(getattr(vision, "model", None)):
+            ready = copy.copy(mc_clip)
+            ready.clip_vision = copy.copy(vision)
+            ready.clip_vision.model = copy.deepcopy(vision.model).to(vision.load_device).requires_grad_(False)
+    if len(_GRADIENT_READY) > 8:
+        _GRADIENT_READY.clear()
+    _GRADIENT_READY[key] = (mc_clip, ready)
+    return ready
+
+
 def clip_features(mc_clip, images: torch.Tensor, layers):
     from ..clip_models import image_features
 
-    return image_features(mc_clip, images, list(layers))
+    return image_features(gradient_ready(mc_clip), images, list(layers))
 
 
 def _features_needed(terms: list[GuidanceTerm]) -> list[int]:
@@ -314,7 +346,14 @@ class SemanticGuidanceHook:
         else:
             x = outside_inference(args["input"]).float().requires_grad_(True)
             # the positive prediction again, this time recording the UNet's graph (ComfyUI's own call)
-            x0 = comfy.samplers.calc_cond_batch(model, [args["cond"]], x, sigma, args["model_options"])[0]
+            try:
+                x0 = comfy.samplers.calc_cond_batch(model, [args["cond"]], x, sigma, args["model_options"])[0]
+            except RuntimeError as e:
+                if "Inference tensors" not in str(e):
+                    raise
+                raise NodeInputError(self.node, "mode", "'decoded (exact)' needs the UNet's weights outside inference "
+                                     "mode, and this model was loaded inside it; use 'decoded (fast)' or "
+                                     "'noise-aware'") from None
             value = self._value_from_images(self._decode(model, x0.float()))
         (grad,) = torch.autograd.grad(value.sum(), x)
         return grad
@@ -360,7 +399,8 @@ def apply_semantic_guidance(model_patcher, guidance: Guidance, settings: Semanti
     if encoder_file is not None and settings.mode == MODE_NOISE_AWARE:
         import comfy.model_management
 
-        encoder_file.encoder.to(comfy.model_management.get_torch_device())
+        with torch.inference_mode(False):  # moved inside inference mode, its weights could not be differentiated
+            encoder_file.encoder.to(comfy.model_management.get_torch_device())
     patched.set_model_sampler_post_cfg_function(hook)
     logging.info("[More Control] semantic guidance (%s, %s) on a clone of the model", settings.mode, guidance.describe())
     return patched
