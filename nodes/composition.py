@@ -6,8 +6,13 @@
                      each turn's mask the previous image is pasted back exactly, so no pixel outside
                      all masks ever drifts from the source.
 
-The loop and the paste-back are plain torch in `algorithms/composition.py`; encoding, sampling and
-decoding one turn are in `glue/composition.py`.
+  MC_CompositionModelLoader  the shapes-world CDD-ICM composer (MC_COMPOSER)
+  MC_ComposeTurn             one turn: reference IMAGE + instruction -> target IMAGE (deterministic DDIM,
+                             classifier-free guidance and ICM guidance, paper eqs. 14-15)
+  MC_IterativeComposition    every turn of an instruction list, each turn's output the next reference
+
+The loop and the paste-back are plain torch in `algorithms/composition.py`, CDD-ICM in
+`algorithms/cdd_icm.py`; encoding, sampling and decoding are in `glue/composition.py`.
 """
 from __future__ import annotations
 
@@ -112,4 +117,113 @@ class IterativeEdit(io.ComfyNode):
         return io.NodeOutput(torch.cat(images), images[-1], region)
 
 
-NODES = [IterativeEdit]
+COMPOSER = io.Custom("MC_COMPOSER")
+COMPOSER_WEIGHTS = ["trained", "untrained"]
+
+
+class CompositionModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MC_CompositionModelLoader",
+            display_name="Composition Model (CDD-ICM, shapes world)",
+            category=CATEGORY,
+            description="Loads the shapes-world CDD-ICM composer: it adds objects to a 128x128 shapes-world canvas from "
+                        "instructions such as 'add a red square to the left of the blue circle'. Without the shipped "
+                        "composer weights it is the UNTRAINED composer (the log and the info output say so).",
+            inputs=[
+                io.Combo.Input("weights", options=COMPOSER_WEIGHTS, default=COMPOSER_WEIGHTS[0],
+                               tooltip="'trained' loads models/shapes_world/composer.safetensors when it exists (else the "
+                                       "untrained composer, loudly); 'untrained' always builds the untrained one."),
+            ],
+            outputs=[COMPOSER.Output(display_name="composer", tooltip="For Compose Turn / Iterative Composition."),
+                     io.String.Output(display_name="info", tooltip="Which weights were loaded.")],
+        )
+
+    @classmethod
+    def execute(cls, weights) -> io.NodeOutput:
+        bundle = glue.load_composer(weights)
+        return io.NodeOutput(bundle, ("trained composer: " if bundle.trained else "") + bundle.source)
+
+
+def _compose_inputs() -> list:
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                     tooltip="Seed of the initial noise (turn k of a list uses seed + k - 1)."),
+        io.Int.Input("steps", default=25, min=1, max=1000,
+                     tooltip="Deterministic DDIM steps, uniformly spaced (the paper: 250)."),
+        io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1,
+                       tooltip="Classifier-free guidance scale phi (eq. 15; the paper: 3). 1 = one pass per step."),
+        io.Float.Input("icm_scale", default=2.0, min=0.0, max=50.0, step=0.1,
+                       tooltip="ICM guidance scale psi (eq. 14; the paper: 2): pushes x_t toward the fused condition "
+                               "through the noisy-image encoder. 0 turns it off (and saves its backward pass)."),
+    ]
+
+
+class ComposeTurn(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MC_ComposeTurn",
+            display_name="Compose Turn (CDD-ICM)",
+            category=CATEGORY,
+            description="One turn of multi-turn composition (CDD-ICM): changes the reference image as the instruction says.",
+            inputs=[
+                COMPOSER.Input("composer", tooltip="From Composition Model."),
+                io.Image.Input("reference", tooltip="The image this turn starts from (the canvas, or the previous turn)."),
+                io.String.Input("instruction", default="add a red square in the middle",
+                                tooltip="What to change, e.g. 'add a blue circle to the left of the red square'."),
+                *_compose_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The target image of this turn.")],
+        )
+
+    @classmethod
+    def execute(cls, composer, reference, instruction, seed, steps, cfg, icm_scale) -> io.NodeOutput:
+        if not str(instruction).strip():
+            raise NodeInputError("MC_ComposeTurn", "instruction", "is blank: say what to change")
+        return io.NodeOutput(glue.compose_turn(composer, reference, instruction.strip(), seed, steps, cfg, icm_scale))
+
+
+class IterativeComposition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MC_IterativeComposition",
+            display_name="Iterative Composition (CDD-ICM)",
+            category=CATEGORY,
+            description="Builds an image turn by turn from instructions, one per line: each turn's output is the next "
+                        "turn's reference (multi-turn compositional generation, CDD-ICM).",
+            inputs=[
+                COMPOSER.Input("composer", tooltip="From Composition Model."),
+                io.Image.Input("canvas", tooltip="The starting canvas (one image)."),
+                io.String.Input("instructions", multiline=True,
+                                default="add a red square in the middle\nadd a blue circle to the left of the red square",
+                                tooltip="One instruction per line, one line per turn; no blank lines between them."),
+                *_compose_inputs(),
+                io.Int.Input("max_turns", default=algo.DEFAULT_MAX_TURNS, min=1, max=256,
+                             tooltip="Refuse longer instruction lists."),
+            ],
+            outputs=[io.Image.Output(display_name="turns", tooltip="The image after every turn, first turn first.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, composer, canvas, instructions, seed, steps, cfg, icm_scale, max_turns) -> io.NodeOutput:
+        node = "MC_IterativeComposition"
+        try:
+            lines = algo.parse_instructions(instructions, max_turns)
+        except ValueError as e:
+            raise NodeInputError(node, "instructions", str(e)) from None
+        if canvas.ndim != 4 or canvas.shape[0] != 1:
+            raise NodeInputError(node, "canvas", f"expects one image [1, H, W, C], got shape {tuple(canvas.shape)}")
+
+        def turn(k, reference, mask):
+            return glue.compose_turn(composer, reference, lines[k], seed + k, steps, cfg, icm_scale).to(reference.device)
+
+        unique_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        images = algo.iterate_edits(canvas[..., :3], len(lines), turn, on_turn=glue.turn_reporter(unique_id, len(lines)))
+        return io.NodeOutput(torch.cat(images))
+
+
+NODES = [IterativeEdit, CompositionModelLoader, ComposeTurn, IterativeComposition]

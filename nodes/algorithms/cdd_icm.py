@@ -190,3 +190,30 @@ def drop_condition(condition: torch.Tensor, probability: float, generator: torch
     """Classifier-free guidance training: c -> 0 with the given probability, per sample."""
     keep = (torch.rand(condition.shape[0], generator=generator, device="cpu") >= probability).to(condition.device)
     return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` uniformly spaced training steps, from the noisiest (timesteps - 1) down to 0."""
+    steps = max(1, min(int(steps), timesteps))
+    return sorted({int(round(x)) for x in torch.linspace(timesteps - 1, 0, steps).tolist()}, reverse=True)
+
+
+def ddim_sample(schedule: Schedule, eps_fn, noise: torch.Tensor, steps: int, similarity_grad_fn=None,
+                psi: float = ICM_GUIDANCE, on_step=None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) over uniformly spaced steps, the paper's inference (Sec. 2.6):
+    eps = eps_fn(x_t, t) (already classifier-free guided), then eq. 14's ICM guidance in score form when
+    `similarity_grad_fn(x_t, t)` (grad of cos(c, E_noisy(x_t))) is given and psi > 0."""
+    x = noise
+    ts = ddim_timesteps(schedule.timesteps, steps)
+    for i, t in enumerate(ts):
+        abar = float(schedule.alphas_cumprod[t])
+        abar_prev = float(schedule.alphas_cumprod[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps = eps_fn(x, t_batch)
+        if similarity_grad_fn is not None and psi > 0:
+            eps = icm_guided_eps(eps, similarity_grad_fn(x, t_batch), abar, psi)
+        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+        if on_step is not None:
+            on_step(i, len(ts))
+    return x

@@ -9,7 +9,8 @@ import torch
 from ..algorithms import composition as comp_algo
 from .sampling import blended_sample
 
-__all__ = ["TURN_EVENT", "encode_text", "vae_ratio", "TurnEditor", "turn_reporter"]
+__all__ = ["TURN_EVENT", "encode_text", "vae_ratio", "TurnEditor", "turn_reporter", "ComposerBundle", "load_composer",
+           "compose_turn"]
 
 TURN_EVENT = "more_control.turn"  # the page extension draws each finished turn on the node
 
@@ -103,3 +104,103 @@ def _send_turn(node_id, turn: int, turns: int, image: torch.Tensor) -> None:
     instance.send_sync(TURN_EVENT, {"node": str(node_id), "turn": turn, "turns": turns,
                                     "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
                        getattr(instance, "client_id", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes-world CDD-ICM composer (MC_CompositionModelLoader / MC_ComposeTurn / MC_IterativeComposition)
+
+class ComposerBundle:
+    """What MC_COMPOSER carries: the composer network, the shapes-world VAE (its latent space), the
+    tokenizer, the schedule, and whether the composer's weights are trained."""
+
+    def __init__(self, composer, vae, scale_factor: float, trained: bool, source: str):
+        import open_clip
+
+        from ..algorithms import cdd_icm
+        from ..shapes_world import models
+
+        self.composer, self.vae, self.scale_factor, self.trained, self.source = composer, vae, scale_factor, trained, source
+        self.schedule = cdd_icm.Schedule(cdd_icm.scaled_linear_betas(1000))
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.CLIP_TEXT_CFG["context_length"])
+
+    def __repr__(self):
+        return f"ComposerBundle({self.source}, trained={self.trained})"
+
+
+_COMPOSERS: dict = {}
+
+
+def load_composer(weights: str, seed: int = 0) -> ComposerBundle:
+    """The composer from models/shapes_world/composer.safetensors ('trained'), or the untrained composer
+    (the shapes-world encoders and UNet with zero-initialised extras: it ignores the reference and the
+    fusion until trained). Cached per file state."""
+    import logging
+
+    import comfy.model_management
+
+    from ..shapes_world import composer as composer_mod
+    from ..shapes_world import models
+
+    path = models.WEIGHTS_DIR / composer_mod.COMPOSER_FILE
+    key = (weights, seed, path.stat().st_mtime if path.exists() else None)
+    if key not in _COMPOSERS:
+        _COMPOSERS.clear()
+        bundle = models.load_bundle("trained", seed=seed)
+        # built outside ComfyUI's inference mode: ICM guidance differentiates through the noisy encoder,
+        # which inference-mode parameters would refuse
+        with torch.inference_mode(False):
+            net = composer_mod.build_composer(models.WEIGHTS_DIR, seed=seed)
+        trained = weights == "trained" and path.exists()
+        if trained:
+            with torch.inference_mode(False):
+                net.load_state_dict(models.load_weights(path), strict=False)
+            source = str(path)
+        else:
+            source = "UNTRAINED composer (shapes-world encoders and UNet, zero-initialised extras)"
+            logging.warning("[More Control] composer: %s%s", source, "" if weights != "trained" else f"; no {path}")
+        net = net.to(comfy.model_management.get_torch_device()).eval().requires_grad_(False)
+        scale = float(models.read_record(path).get("scale_factor", bundle["scale_factor"])) if trained else bundle["scale_factor"]
+        _COMPOSERS[key] = ComposerBundle(net, bundle["vae"], scale, trained, source)
+    return _COMPOSERS[key]
+
+
+def compose_turn(bundle: ComposerBundle, reference: torch.Tensor, instruction: str, seed: int, steps: int, cfg: float,
+                 icm_scale: float) -> torch.Tensor:
+    """One CDD-ICM turn: the reference IMAGE (BHWC) and the instruction -> the target IMAGE. Deterministic
+    DDIM over `steps` uniformly spaced steps with classifier-free guidance (eq. 15, c -> 0 for the
+    unconditional pass) and ICM guidance (eq. 14, the noisy encoder's similarity gradient)."""
+    import comfy.model_management
+
+    from ..algorithms import cdd_icm
+    from . import gradients_enabled
+
+    net, device = bundle.composer, next(bundle.composer.parameters()).device
+    batch = reference.shape[0]
+    reference = reference[..., :3].to(device, torch.float32)
+    ref_latent = bundle.vae.encode(reference).to(device, torch.float32) * bundle.scale_factor
+    tokens = bundle.tokenizer([instruction] * batch).to(device)
+    condition, context = net.condition(reference, tokens)
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(ref_latent.shape, generator=generator).to(device)
+
+    def eps_fn(x, t):
+        if cfg == 1.0:
+            return net.denoise(x, t, ref_latent, condition, context)[:, :x.shape[1]]
+        both = net.denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ref_latent, ref_latent]),
+                           torch.cat([condition, torch.zeros_like(condition)]), torch.cat([context, context]))
+        cond, uncond = both[:, :x.shape[1]].chunk(2)
+        return cdd_icm.cfg_eps(cond, uncond, cfg)
+
+    def similarity_grad(x, t):
+        with gradients_enabled():
+            xg = x.detach().clone().requires_grad_(True)
+            sim = torch.nn.functional.cosine_similarity(condition.detach().clone(), net.noisy_embedding(xg), dim=-1)
+            return torch.autograd.grad(sim.sum(), xg)[0]
+
+    def on_step(i, n):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    latent = cdd_icm.ddim_sample(bundle.schedule, eps_fn, noise, steps, similarity_grad if icm_scale > 0 else None,
+                                 psi=icm_scale, on_step=on_step)
+    image = bundle.vae.decode(latent / bundle.scale_factor)[..., :3]
+    return image.to(comfy.model_management.intermediate_device()).clamp(0, 1)

@@ -1,0 +1,54 @@
+"""The CDD-ICM nodes (MC_CompositionModelLoader, MC_ComposeTurn, MC_IterativeComposition) through ComfyUI's
+executor on the UNTRAINED composer (the shapes-world encoders and UNet with zero-initialised extras): the
+graph runs, every turn comes out, each turn starts from the previous one, and bad inputs are named.
+
+Run: python -m pytest tests/test_composition_nodes.py -q
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import composition_fixtures as fixtures
+
+
+@pytest.fixture(scope="module")
+def registered(comfy_nodes):
+    fixtures.register(comfy_nodes)
+
+
+def graph(instructions: str, steps: int = 2) -> dict:
+    return {
+        "1": {"class_type": "MC_CompositionModelLoader", "inputs": {"weights": "untrained"}},
+        "2": {"class_type": "MCTest_GivenImage", "inputs": {"name": "canvas"}},
+        "3": {"class_type": "MC_IterativeComposition", "inputs": {
+            "composer": ["1", 0], "canvas": ["2", 0], "instructions": instructions, "seed": 1, "steps": steps,
+            "cfg": 3.0, "icm_scale": 2.0, "max_turns": 4}},
+        "4": {"class_type": "MCTest_Capture", "inputs": {"name": "turns", "image": ["3", 0]}},
+        "5": {"class_type": "MC_ComposeTurn", "inputs": {
+            "composer": ["1", 0], "reference": ["2", 0], "instruction": "add a red square in the middle", "seed": 1,
+            "steps": steps, "cfg": 3.0, "icm_scale": 2.0}},
+        "6": {"class_type": "MCTest_Capture", "inputs": {"name": "turn", "image": ["5", 0]}},
+    }
+
+
+def test_iterative_composition_runs_every_turn(registered, run_prompt, pack_module):
+    world = pack_module("nodes.shapes_world.world")
+    import numpy as np
+
+    canvas = torch.from_numpy(world.render([], "plain", np.random.default_rng(0))).float()[None] / 255
+    fixtures.TENSORS.update(canvas=canvas)
+    run_prompt(graph("add a red square in the middle\nadd a blue circle to the left of the red square"))
+    turns, single = fixtures.CAPTURED["turns"], fixtures.CAPTURED["turn"]
+    assert turns.shape == (2, 128, 128, 3) and single.shape == (1, 128, 128, 3)
+    assert torch.isfinite(turns).all() and 0 <= float(turns.min()) and float(turns.max()) <= 1
+    # the first turn of the list is Compose Turn on the canvas with the same seed and instruction
+    assert torch.allclose(turns[0], single[0], atol=1e-5)
+    assert not torch.allclose(turns[1], turns[0])
+
+
+@pytest.mark.parametrize("text,message", [("", "is blank"), ("a\n\nb", "line 2 is blank"), ("a\nb\nc\nd\ne", "more than the limit of 4")])
+def test_instruction_errors_are_named(registered, run_prompt, text, message):
+    fixtures.TENSORS.update(canvas=torch.zeros(1, 128, 128, 3))
+    with pytest.raises(RuntimeError, match=f"MC_IterativeComposition: input 'instructions': .*{message}"):
+        run_prompt({k: v for k, v in graph(text).items() if k in ("1", "2", "3", "4")})
