@@ -133,9 +133,14 @@ def test_background_is_the_source_latent_exactly(blended, algo, tiny_sd15, conds
     assert (out[~outside] - source[~outside]).abs().mean() > 0.1  # the edit happened inside
 
 
-def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(glue, algo, tiny_sd15, conds):
+SAMPLERS = ["euler", "ddim", "euler_ancestral", "dpmpp_2m", "heun", "uni_pc"]
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(glue, algo, tiny_sd15, conds, sampler_name):
     """After step t -> t_prev the background is noise(z_init, t_prev) = z_init + sigma_prev * eps with a new
-    eps every step (Alg. 1); with fresh_noise off it is the one initial noise, as ComfyUI's own blend."""
+    eps every step (Alg. 1); with fresh_noise off it is the one initial noise, as ComfyUI's own blend.
+    Recorded after every step, for every kind of inner sampler (one-step, ancestral, multistep, second order)."""
     import comfy.sample
     import comfy.samplers
 
@@ -146,17 +151,19 @@ def test_sampler_blends_at_the_next_noise_level_with_fresh_noise(glue, algo, tin
     outside = mask == 0
     for fresh in (True, False):
         records = []
-        sampler = glue.BlendedSampler(comfy.samplers.sampler_object("euler"), fresh, 11,
-                                         step_callback=lambda i, x, m: records.append(x.clone()))
+        sampler = glue.BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh, 11,
+                                      step_callback=lambda i, x, m: records.append(x.clone()))
         noise = comfy.sample.prepare_noise(source, 11)
         comfy.samplers.sample(tiny_sd15, noise, conds[0], conds[1], 5.0, "cpu", sampler, sigmas, latent_image=source,
                               denoise_mask=mask[:, :1], disable_pbar=True, seed=11)
+        assert len(records) == 4
         backgrounds = [(x - source * scale) / float(sigmas[i + 1]) for i, x in enumerate(records[:-1])]
         for eps in backgrounds:  # the background is exactly a unit-variance noise around the source
             assert 0.8 < float(eps[outside].std()) < 1.2
         same_as_initial = [torch.allclose(eps[outside], noise[outside], atol=1e-4) for eps in backgrounds]
         assert all(same_as_initial) == (not fresh) and (not any(same_as_initial)) == fresh
         assert torch.allclose(records[-1][outside], (source * scale)[outside], atol=1e-6)  # clean source at the end
+        assert (records[-1][~outside] - (source * scale)[~outside]).abs().mean() > 0.05  # the mask was sampled
 
 
 def test_sampler_wrapper_for_sampler_custom_advanced(blended, glue, tiny_sd15, conds):
@@ -207,11 +214,65 @@ def test_fresh_noise_changes_the_edit_and_is_seeded(blended, tiny_sd15, conds):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral", "dpmpp_2m", "heun", "uni_pc"])
 def test_sampler_choices_keep_the_background(blended, tiny_sd15, conds, sampler):
+    """Through the node (the per-step blend is pinned above, for the same samplers): the source outside
+    the mask, bit for bit, and an edit inside it."""
     source = source_latent(2)
     mask = box_mask(8, 8, 2, 2, 6, 6)
     out = run_blended(blended, tiny_sd15, conds, {"samples": source}, mask, steps=4, sampler=sampler)
+    inside = torch.zeros_like(source, dtype=torch.bool)
+    inside[:, :, 2:6, 2:6] = True
     assert torch.isfinite(out).all()
-    assert torch.equal(out[:, :, :2], source[:, :, :2])
+    assert torch.equal(out[~inside], source[~inside])
+    assert (out[inside] - source[inside]).abs().mean() > 0.1
+
+
+def test_denoise_below_one_starts_from_the_noised_source(blended, tiny_sd15, conds):
+    """denoise 0.75 (the SD scripts' blending_start_percentage 0.25): the steps are the last 75% of the full
+    schedule (ComfyUI's: 4 steps of a 5-step one), and the first model call sees the source noised to that level with the seed's noise,
+    inside the mask as outside (not pure noise); the background ends as the source, the mask is edited."""
+    import comfy.sample
+    import comfy.samplers
+
+    calls = []
+
+    def recording_cfg(args):  # ComfyUI's own combine, recording the model input of each call
+        calls.append((float(args["sigma"].reshape(-1)[0]), args["input"].clone()))
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+    model = tiny_sd15.clone()
+    model.set_model_sampler_cfg_function(recording_cfg)
+    source = source_latent(6)
+    mask = box_mask(64, 64, 16, 16, 48, 48)
+    out = run_blended(blended, model, conds, {"samples": source}, mask, steps=4, denoise=0.75, seed=13)
+    sigmas = comfy.samplers.KSampler(tiny_sd15, steps=4, device="cpu", sampler="euler", scheduler="normal", denoise=0.75).sigmas
+    full = comfy.samplers.KSampler(tiny_sd15, steps=5, device="cpu", sampler="euler", scheduler="normal").sigmas  # 4 / 0.75
+    assert torch.allclose(sigmas, full[-5:]) and float(sigmas[0]) < 0.5 * float(full[0])
+    assert [round(c[0], 4) for c in calls] == [round(float(v), 4) for v in sigmas[:-1]]  # euler: one call per step
+    scale = tiny_sd15.model.latent_format.scale_factor
+    noise = comfy.sample.prepare_noise(source, 13)
+    assert torch.allclose((calls[0][1] - source * scale) / float(sigmas[0]), noise, atol=1e-4)
+    inside = torch.zeros_like(source, dtype=torch.bool)
+    inside[:, :, 2:6, 2:6] = True
+    assert torch.equal(out[~inside], source[~inside]) and (out[inside] - source[inside]).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_batch_index_reproduces_an_image_of_the_batch(blended, tiny_sd15, conds, fresh):
+    """A latent with batch_index (Latent From Batch, Rebatch) gets the noise of those positions of the full
+    batch, as KSampler does: image 2 of a 4-candidate run comes back from a one-image run with
+    batch_index [2], and the output keeps batch_index and the noise mask."""
+    source = source_latent(9).repeat(4, 1, 1, 1)
+    mask = box_mask(64, 64, 16, 16, 48, 48)
+    latent = {"samples": source, "noise_mask": mask, "batch_index": [0, 1, 2, 3]}
+    (full,) = blended.BlendedLatentSampler.execute(tiny_sd15, conds[0], conds[1], latent, 4, 3, 5.0, "euler", "normal",
+                                                   1.0, fresh, 0.5).result
+    one_latent = {"samples": source[2:3], "noise_mask": mask, "batch_index": [2]}
+    (one,) = blended.BlendedLatentSampler.execute(tiny_sd15, conds[0], conds[1], one_latent, 4, 3, 5.0, "euler", "normal",
+                                                  1.0, fresh, 0.5).result
+    assert (full["samples"][2] - full["samples"][0]).abs().max() > 0.1  # the candidates differ
+    # equal up to float rounding of a different batch size, amplified over the steps (a wrong noise: ~1)
+    assert torch.allclose(one["samples"], full["samples"][2:3], atol=1e-2)
+    assert one["batch_index"] == [2] and torch.equal(one["noise_mask"], mask)
 
 
 def test_masks_of_any_size_and_batch(blended, glue, tiny_sd15, conds):
@@ -321,6 +382,20 @@ def test_latent_optimization_lowers_the_background_error(blended, algo, tiny_vae
           f"{e['background']:.6f}; edited region MSE vs plain decode {e['edited']:.5f} (source: {e['source_in_region']:.5f})")
     assert e["background"] < 0.8 * e["plain_background"]  # lower, though far less than the decoder fine-tune (Sec. 4.2)
     assert latent["samples"].shape == z.shape and not torch.equal(latent["samples"], z)
+    # Eq. 1's edited-region term keeps the edit: the region stays nearer the plain decode than the source is,
+    # and nearer than with the background term alone (Adam ignores the loss scale: weight 1e6 = background only)
+    assert e["edited"] < e["source_in_region"]
+    with torch.inference_mode():
+        bg_only, _ = blended.LatentOptimization.execute(tiny_vae, {"samples": z}, source, mask, 75, 0.1, 1e6, 0.5).result
+        edit_only, edit_only_latent = blended.LatentOptimization.execute(tiny_vae, {"samples": z}, source, mask, 5, 0.1, 0.0, 0.5).result
+    ablation = errors(algo, tiny_vae, bg_only, z, source, mask)
+    print(f"without the edited-region term: edited region MSE vs plain decode {ablation['edited']:.5f}")
+    assert e["edited"] < 0.99 * ablation["edited"]  # small at weight 100, but there (identical runs without it)
+    # the edited-region term alone starts at zero, its target being the plain decode: nothing moves
+    assert torch.equal(edit_only_latent["samples"], z) and errors(algo, tiny_vae, edit_only, z, source, mask)["edited"] < 1e-10
+    # the returned latent is the one whose decode is the returned image
+    with torch.inference_mode():
+        assert torch.allclose(tiny_vae.decode(latent["samples"]), image, atol=1e-4)
 
 
 def test_reconstruction_handles_batches_sizes_and_degenerate_masks(blended, algo, glue, tiny_vae):
@@ -423,8 +498,18 @@ def test_rank_sorts_images_and_latents_by_masked_similarity(blended, glue):
     assert len(lines) == 4 and lines[0].startswith("1. image 1: similarity")
     similarities = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert similarities == sorted(similarities, reverse=True)
-    top, top_latent, _ = blended.RankByCLIP.execute(RednessCLIP(), images, latent, box_mask(16, 16, 4, 4, 12, 12), "red", 2, 0.5).result
-    assert top.shape[0] == 2 and top_latent["samples"].shape[0] == 2
+    # keep = 2 keeps the two best, best first; a per-image noise mask and batch_index follow the images,
+    # a single shared noise mask is left as it is
+    per_image = {**latent, "noise_mask": torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 16, 16).clone(),
+                 "batch_index": [10, 11, 12, 13]}
+    top, top_latent, top_scores = blended.RankByCLIP.execute(RednessCLIP(), images, per_image, box_mask(16, 16, 4, 4, 12, 12),
+                                                             "red", 2, 0.5).result
+    assert torch.equal(top, images[[1, 3]]) and [int(v) for v in top_latent["samples"][:, 0, 0, 0]] == [1, 3]
+    assert [int(v) for v in top_latent["noise_mask"][:, 0, 0, 0]] == [1, 3] and top_latent["batch_index"] == [11, 13]
+    assert top_scores.splitlines() == lines[:2]
+    shared = {**latent, "noise_mask": torch.ones(1, 1, 16, 16)}
+    _, kept, _ = blended.RankByCLIP.execute(RednessCLIP(), images, shared, box_mask(16, 16, 4, 4, 12, 12), "red", 3, 0.5).result
+    assert torch.equal(kept["noise_mask"], shared["noise_mask"]) and kept["samples"].shape[0] == 3
     with pytest.raises(glue.NodeInputError, match="MC_RankByCLIP: input 'mask': is empty"):
         blended.RankByCLIP.execute(RednessCLIP(), images, latent, torch.zeros(1, 16, 16), "red", 0, 0.5)
     with pytest.raises(glue.NodeInputError, match="MC_RankByCLIP: input 'latent'"):

@@ -138,13 +138,26 @@ def blend_background(z: torch.Tensor, mask: torch.Tensor, noised_source: torch.T
 class NoiseSource:
     """The background noise of each step: a fresh draw per step (the paper: `noise(z_init, t)` is
     a new sample at every t), or the same tensor every step (ComfyUI's built-in inpainting and the
-    diffusers pipelines). Seeded and drawn on the CPU so results do not depend on the device."""
+    diffusers pipelines). Seeded and drawn on the CPU so results do not depend on the device.
 
-    def __init__(self, first: torch.Tensor, seed: int, fresh: bool):
+    `batch_index` (a latent's positions in a larger batch, as ComfyUI's `prepare_noise` reads them)
+    gives each image the fresh noise of its position: image k of a batch and the same image split off
+    with batch_index [k] are sampled alike."""
+
+    def __init__(self, first: torch.Tensor, seed: int, fresh: bool, batch_index: Sequence[int] | None = None):
         self.first = first
         self.fresh = fresh
+        self.batch_index = None if batch_index is None else [int(i) for i in batch_index]
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed) + 0x5EED) if fresh else None
         self.draws = {0: first}
+
+    def _draw(self) -> torch.Tensor:
+        if self.batch_index is None:
+            return torch.randn(self.first.shape, generator=self.generator, dtype=torch.float32, device="cpu")
+        # one draw per position up to the largest, in order, as prepare_noise does; keep the latent's own
+        per_position = [torch.randn((1, *self.first.shape[1:]), generator=self.generator, dtype=torch.float32, device="cpu")
+                        for _ in range(max(self.batch_index) + 1)]
+        return torch.cat([per_position[i] for i in self.batch_index])
 
     def for_step(self, step: int) -> torch.Tensor:
         """The noise of noise level `step` (the same tensor however often it is asked for: the blend
@@ -155,7 +168,7 @@ class NoiseSource:
             raise ValueError(f"the noise of step {step} was already released (steps are asked for in order)")
         while step not in self.draws:
             k = max(self.draws) + 1
-            draw = torch.randn(self.first.shape, generator=self.generator, dtype=torch.float32, device="cpu")
+            draw = self._draw()
             self.draws[k] = draw.to(self.first.device, self.first.dtype)
             for old in [j for j in self.draws if j < k - 1]:  # steps only look one level ahead: free the rest
                 del self.draws[old]

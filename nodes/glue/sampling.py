@@ -52,9 +52,11 @@ class BlendedSampler(comfy.samplers.Sampler):
     Running one step per call means multistep samplers (dpmpp_2m, lms, deis, ipndm, uni_pc) lose their
     history and act as their first-order form; ancestral/SDE samplers get a new seed per step."""
 
-    def __init__(self, inner, fresh_noise: bool, seed: int | None, step_callback=None, threshold: float | None = None):
+    def __init__(self, inner, fresh_noise: bool, seed: int | None, step_callback=None, threshold: float | None = None,
+                 batch_index=None):
         self.inner, self.fresh_noise = inner, fresh_noise
         self.seed = None if seed is None else int(seed)  # None: the sampling run's seed (SamplerCustomAdvanced's noise seed)
+        self.batch_index = batch_index  # the latent's batch_index: fresh noise per batch position, as prepare_noise
         self.threshold = threshold
         self.step_callback = step_callback
         self.final_mask = None
@@ -69,7 +71,7 @@ class BlendedSampler(comfy.samplers.Sampler):
         extra_args["denoise_mask"] = denoise_mask
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image = latent_image
-        noises = algo.NoiseSource(noise, seed, self.fresh_noise)
+        noises = algo.NoiseSource(noise, seed, self.fresh_noise, self.batch_index)
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         mask_function = extra_args["model_options"].get("denoise_mask_function")
         steps = len(sigmas) - 1
@@ -82,7 +84,9 @@ class BlendedSampler(comfy.samplers.Sampler):
             step_callback = None
             if callback is not None:
                 step_callback = (lambda d, i=i: callback(i, d["denoised"], d["x"], steps))
-            x = self.inner.sampler_function(model_k, x, sigmas[i:i + 2], extra_args=step_args, callback=step_callback,
+            # a copy: some samplers (uni_pc) overwrite a final sigma of 0 in place, which would turn the
+            # exact-source blend after the last step into a blend at that sigma
+            x = self.inner.sampler_function(model_k, x, sigmas[i:i + 2].clone(), extra_args=step_args, callback=step_callback,
                                             disable=True, **self.inner.extra_options)
             if mask_function is not None:
                 mask = mask_function(sigmas[i:i + 1].expand(x.shape[0]), denoise_mask, {"model": model_wrap, "sigmas": sigmas})
@@ -113,7 +117,8 @@ def blended_sample(model, positive, negative, source: torch.Tensor, latent_mask:
     if sigmas.numel() < 2:
         return source.clone()
     noise = comfy.sample.prepare_noise(source, seed, batch_index)
-    sampler = BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh_noise, seed)  # mask already binary
+    sampler = BlendedSampler(comfy.samplers.sampler_object(sampler_name), fresh_noise, seed,  # mask already binary
+                             batch_index=batch_index)
     preview = latent_preview.prepare_callback(model, sigmas.numel() - 1)
     samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, sigmas,
                                     model_options=model.model_options, latent_image=source,
