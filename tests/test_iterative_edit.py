@@ -209,3 +209,38 @@ def test_drift_curves_by_hand(algo):
     assert curves["untouched"][1] == pytest.approx(0.1 / 2 * 255)
     assert curves["kept_edits"] == [0.0, pytest.approx(0.2 * 255)]
     assert curves["edited_psnr"][1] == pytest.approx(10 * torch.log10(torch.tensor(1 / 0.04)).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped workflow (workflows/src/iterative_edit.api.json) on the shapes-world models
+
+def test_workflow_keeps_every_pixel_outside_the_masks(run_prompt):
+    import json
+    import pathlib
+
+    import numpy as np
+    from PIL import Image
+
+    import comfy_harness
+    import folder_paths
+
+    graph = json.loads((comfy_harness.PACK_DIR / "workflows" / "src" / "iterative_edit.api.json").read_text())
+    graph["20"]["inputs"]["steps"] = 3
+    outputs = run_prompt(graph)
+    images = outputs["21"]["images"]
+    assert len(images) == 3
+    saved = [np.asarray(Image.open(pathlib.Path(folder_paths.get_output_directory()) / e["subfolder"] / e["filename"])
+                        .convert("RGB")).astype(np.int16) for e in images]
+    color = lambda c: [(c >> 16) & 255, (c >> 8) & 255, c & 255]  # noqa: E731
+    source = np.zeros((128, 128, 3), np.int16)
+    source[:] = color(graph["2"]["inputs"]["color"])
+    x, y = graph["4"]["inputs"]["x"], graph["4"]["inputs"]["y"]
+    side = graph["3"]["inputs"]["width"]
+    source[y:y + side, x:x + side] = color(graph["3"]["inputs"]["color"])
+    union = np.zeros((128, 128), bool)
+    box = graph["6"]["inputs"]["width"]
+    for k in range(3):
+        mx, my = graph[str(10 + k)]["inputs"]["x"], graph[str(10 + k)]["inputs"]["y"]
+        union[my:my + box, mx:mx + box] = True
+        assert np.array_equal(saved[k][~union], source[~union]), f"turn {k + 1}"
+    assert np.abs(saved[-1][union] - source[union]).mean() > 1
