@@ -62,7 +62,7 @@ def line_plot(series: dict[str, tuple[list[float], tuple[int, int, int], bool]],
     y_max = max(1.0, float(np.ceil(y_max * 1.1)))
     px = lambda k: left + (w - left - right) * k / max(turns - 1, 1)  # noqa: E731
     py = lambda v: h - bottom - (h - top - bottom) * v / y_max  # noqa: E731
-    d.text((left, 12), title, fill="black")
+    d.text((left, 6), title, fill="black")
     d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
     for i in range(6):
         v = y_max * i / 5
@@ -71,7 +71,7 @@ def line_plot(series: dict[str, tuple[list[float], tuple[int, int, int], bool]],
     for k in range(turns):
         d.text((px(k) - 4, h - bottom + 6), str(k + 1), fill="black")
     d.text(((w - right) / 2, h - 22), "turn", fill="black")
-    d.text((8, top - 24), y_label, fill="black")
+    d.text((8, top - 16), y_label, fill="black")
     for i, (label, (values, colour, dashed)) in enumerate(series.items()):
         points = [(px(k), py(v)) for k, v in enumerate(values)]
         if dashed:
@@ -89,6 +89,15 @@ def line_plot(series: dict[str, tuple[list[float], tuple[int, int, int], bool]],
     img.save(path)
 
 
+def draw_curves(naive: dict, ours: dict, turns: int, weights: str, path: pathlib.Path) -> None:
+    line_plot({
+        "naive: untouched": (naive["untouched"], (200, 40, 40), False),
+        "naive: earlier edits": (naive["kept_edits"], (230, 140, 30), True),
+        "ours: untouched (= 0)": (ours["untouched"], (30, 90, 200), False),
+        "ours: earlier edits (= 0)": (ours["kept_edits"], (40, 160, 70), True),
+    }, f"Drift over {turns} turns of masked edits ({weights} shapes-world models)", path, "mean |drift| (0-255)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", choices=["trained", "random"], default="trained")
@@ -101,7 +110,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 turns, 2 steps, 1 repeat (CI)")
     ap.add_argument("--plot", type=pathlib.Path, default=PACK_DIR / "docs" / "iterative_edit_drift.png")
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--replot", type=pathlib.Path, default=None, metavar="JSON",
+                    help="only redraw the plot from an earlier run's --json")
     args = ap.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        draw_curves(saved["naive"], saved["ours"], saved["turns"], saved["weights"], args.plot)
+        print(f"plot: {args.plot}")
+        return 0
     if args.quick:
         args.turns, args.steps, args.repeats, args.timing_turns = 3, 2, 1, 2
 
@@ -143,13 +159,7 @@ def main(argv=None) -> int:
     print(f"after {args.turns} turns: every pixel outside all masks equals the source bit for bit: {exact} "
           f"({int((~union).sum())} pixels)")
 
-    line_plot({
-        "naive: untouched": (naive_curves["untouched"], (200, 40, 40), False),
-        "naive: earlier edits": (naive_curves["kept_edits"], (230, 140, 30), True),
-        "ours: untouched": (ours_curves["untouched"], (30, 90, 200), False),
-        "ours: earlier edits": (ours_curves["kept_edits"], (40, 160, 70), True),
-    }, f"Drift over {args.turns} turns of masked edits ({args.weights} shapes-world models)", args.plot,
-        "mean |drift| (0-255)")
+    draw_curves(naive_curves, ours_curves, args.turns, args.weights, args.plot)
     print(f"plot: {args.plot}")
 
     # Overhead: the node (N turns) against one plain edit of core nodes, interleaved.

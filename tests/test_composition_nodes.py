@@ -52,3 +52,25 @@ def test_instruction_errors_are_named(registered, run_prompt, text, message):
     fixtures.TENSORS.update(canvas=torch.zeros(1, 128, 128, 3))
     with pytest.raises(RuntimeError, match=f"MC_IterativeComposition: input 'instructions': .*{message}"):
         run_prompt({k: v for k, v in graph(text).items() if k in ("1", "2", "3", "4")})
+
+
+def test_evaluation_command_reports_the_table(tmp_path):
+    """benchmarks/eval_composer.py on one episode of two turns (CI's tiny setting): the table beside the
+    paper's marks, per-turn F1, RSIM in [0, 1], seconds per turn."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import comfy_harness
+
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(comfy_harness.PACK_DIR / "benchmarks" / "eval_composer.py"), "--weights", "untrained",
+           "--episodes", "1", "--turns", "2", "--steps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| CDD-ICM (paper) | i-CLEVR | 99.96 | 85.66 |" in proc.stdout and "UNTRAINED" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["per_turn"]["f1"]) == 2 and 0.0 <= result["rsim_last_turn"] <= 1.0
+    assert result["seconds_per_turn"] > 0 and result["trained"] is False
