@@ -110,3 +110,21 @@ def test_text_guidance_workflow_in_the_executor(run_prompt):
     pictures = [numpy.asarray(Image.open(f"{folder_paths.get_directory_by_type(i['type'])}/{i['subfolder']}/{i['filename']}"))
                 for i in saved]
     assert all(p.shape == (128, 128, 3) and p.std() > 0 for p in pictures)
+
+
+def test_training_command_runs_on_a_tiny_setting(tmp_path):
+    """`python -m training.train_noise_aware --tiny`: weights the loader reads (with their record in
+    the safetensors metadata), a loss curve and a JSON record with held-out cosines."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR))
+    cmd = [sys.executable, "-m", "training.train_noise_aware", "--tiny", "--out", str(tmp_path), "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "noise_aware.json").read_text())
+    assert rec["steps"] == 3 and len(rec["loss_history"]) == 3 and (tmp_path / rec["loss_curve"]).exists()
+    assert set(rec["heldout"]) >= {"lowest", "highest", "n"} and rec["stem_warmup"]["steps"] == 2
+    meta = rec["encoder_record"]
+    assert meta["mc_kind"] == "noise_aware_encoder" and meta["latent_channels"] == "4"
