@@ -63,18 +63,28 @@ def test_thin_mask_edit_keeps_every_background_pixel(run_prompt):
     assert np.abs(edited[mask] - src[mask]).mean() > 1  # and something changed inside
 
 
-@pytest.mark.parametrize("name,save_node", [("blended_full_edit.api.json", "21"), ("blended_background.api.json", "16")])
-def test_edit_workflows_run(run_prompt, name, save_node):
+@pytest.mark.parametrize("name,save_node,edit_node", [("blended_full_edit.api.json", "21", "17"),
+                                                      ("blended_background.api.json", "16", "14")])
+def test_edit_workflows_run(run_prompt, name, save_node, edit_node):
+    """The saved result's background (outside the mask) is no further from the source than a plain VAE
+    decode of the same edited latent (decoded by two extra nodes added to the graph): what the decoder
+    fine-tune and the latent optimisation are for. And the masked region holds an edit, not the source."""
     graph = load(name, **FAST)
+    graph["90"] = {"class_type": "VAEDecode", "inputs": {"samples": [edit_node, 0], "vae": ["1", 2]}}
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": "mc_test_plain_decode"}}
     outputs = run_prompt(graph)
-    edited = saved_image(outputs, save_node)
+    result, plain = saved_image(outputs, save_node), saved_image(outputs, "91")
     src, mask = source_and_mask(graph)
-    assert edited.shape == (128, 128, 3)
-    outside, inside = np.abs(edited[~mask] - src[~mask]).mean(), np.abs(edited[mask] - src[mask]).mean()
-    # With 3 sampling and 3 reconstruction steps (and an untrained shapes-world UNet until its weights ship)
-    # these figures only show the graph ran end to end; the properties are tested on the nodes themselves.
-    print(f"\n{name}: mean |edit - source| outside the mask {outside:.1f}, inside {inside:.1f} (of 255)")
-    assert np.isfinite([outside, inside]).all() and edited.std() > 0
+    assert result.shape == plain.shape == (128, 128, 3)
+
+    def background_mse(image):
+        return float(((image[~mask] - src[~mask]) ** 2).mean())
+
+    inside = np.abs(result[mask] - src[mask]).mean()
+    print(f"\n{name}: background MSE plain decode {background_mse(plain):.1f} -> saved result {background_mse(result):.1f}; "
+          f"mean |result - source| inside the mask {inside:.1f} (of 255)")
+    assert background_mse(result) < background_mse(plain)
+    assert inside > 1  # with 3 sampling steps the edit is faint, but it is there
 
 
 def test_bad_shrink_schedule_is_rejected_before_running(comfy_nodes):

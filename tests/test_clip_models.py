@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 
 import pytest
 import torch
@@ -79,19 +78,30 @@ def test_loads_an_architecture_name_with_a_weights_file(clip_models, tiny_open_c
     assert torch.allclose(mc_clip.encode_text(["x"]), same.encode_text(["x"]), atol=1e-6)
 
 
-def test_loader_errors_name_the_input(clip_models, glue, tiny_open_clip):
+def test_loader_errors_name_the_input(clip_models, glue, tiny_open_clip, monkeypatch):
     with pytest.raises(glue.NodeInputError, match="MC_CLIPLoader: input 'architecture': 'NoSuchNet' is not"):
         clip_models.CLIPLoader.execute("NoSuchNet", "openai", "none", False, "cpu")
     with pytest.raises(glue.NodeInputError, match="MC_CLIPLoader: input 'weights_file'"):
         clip_models.CLIPLoader.execute("RN50", "", "missing.safetensors", False, "cpu")
-    # a real tag that is not cached: no download (allow_download is off), a clear error, fast
-    start = time.perf_counter()
+    # a real tag that is not cached: with allow_download off no connection is even attempted (every name
+    # lookup and connect of this process is recorded and refused), and the error names the input
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("a network connection in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     with pytest.raises(glue.NodeInputError, match="MC_CLIPLoader: input 'pretrained'.*local cache"):
         clip_models.CLIPLoader.execute("RN50", "openai", "none", False, "cpu")
-    assert time.perf_counter() - start < 30
+    assert attempts == []
 
 
-def test_comfy_clip_vision_and_text_encoder_pair(clip_models, tiny_clip, tmp_path):
+def test_comfy_clip_vision_and_text_encoder_pair(clip_models, glue, tiny_clip, tmp_path):
     """ComfyUI's CLIP_VISION + a CLIP text encoder of the same width work as an MC_CLIP."""
     import comfy.clip_vision
 
@@ -104,10 +114,21 @@ def test_comfy_clip_vision_and_text_encoder_pair(clip_models, tiny_clip, tmp_pat
     vision = comfy.clip_vision.ClipVisionModel(str(path))
     tiny_models.seeded_init(vision.model, 4)
     (mc_clip,) = clip_models.CLIPFromComfy.execute(vision, tiny_clip).result
-    feats = mc_clip.encode_image(torch.rand(2, 48, 40, 3))
-    text = mc_clip.encode_text(["a red ball"])
-    assert feats.shape == (2, 768) and text.shape == (1, 768)
-    assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-4)
+    images = torch.rand(2, 48, 40, 3, generator=torch.Generator().manual_seed(6))
+    feats = mc_clip.encode_image(images)
+    text = mc_clip.encode_text(["a red ball", "a blue square"])
+    assert feats.shape == (2, 768) and text.shape == (2, 768)
+    # the text features are the CLIP's own pooled outputs, normalised, one per prompt in order
+    for i, prompt in enumerate(["a red ball", "a blue square"]):
+        _, pooled = tiny_clip.encode_from_tokens(tiny_clip.tokenize(prompt), return_pooled=True)
+        assert torch.allclose(text[i], torch.nn.functional.normalize(pooled.float().reshape(-1), dim=0), atol=1e-5)
+    assert (text[0] - text[1]).abs().max() > 1e-3
+    # the image features are CLIP_VISION's image embeddings (its own preprocessing and crop), normalised
+    embeds = vision.encode_image(images, crop=True)["image_embeds"].float()
+    assert torch.allclose(feats, torch.nn.functional.normalize(embeds, dim=-1), atol=1e-5)
+    # the error that exists for the pair's inputs: something that is not a CLIP vision model
+    with pytest.raises(glue.NodeInputError, match="MC_CLIPFromComfy: input 'clip_vision': is not a CLIP vision model"):
+        clip_models.CLIPFromComfy.execute(tiny_clip, tiny_clip)
 
 
 def test_rank_by_clip_with_an_open_clip_model(clip_models, tiny_open_clip, pack_module):

@@ -28,11 +28,32 @@ def test_loader_registered(comfy_nodes):
         assert spec[1].get("tooltip"), f"input {name} has no tooltip"
 
 
-def test_random_weights_workflow_runs(run_prompt):
+def test_random_weights_workflow_runs(run_prompt, comfy_nodes, pack_module):
     """The standard text-to-image graph (CLIPTextEncode, EmptyLatentImage 128x128, KSampler,
-    VAEDecode) runs on the loader's models."""
-    out = run_prompt(t2i_prompt("random (untrained)"))
-    assert out["7"]["images"], out
+    VAEDecode) runs on the loader's models and shows what those nodes give when called directly
+    with the same models (up to PNG rounding)."""
+    import os
+
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    prompt = t2i_prompt("random (untrained)")
+    out = run_prompt(prompt)
+    (entry,) = out["7"]["images"]
+    shown = np.asarray(Image.open(os.path.join(folder_paths.get_directory_by_type(entry["type"]), entry["subfolder"],
+                                               entry["filename"])).convert("RGB")).astype(int)
+    bundle = pack_module("nodes.shapes_world_loader").load("random (untrained)", 0)
+    clip, sampler = bundle["clip"], prompt["5"]["inputs"]
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        (latent,) = comfy_nodes.common_ksampler(bundle["model"], sampler["seed"], sampler["steps"], sampler["cfg"], "euler", "normal",
+                                                encode(prompt["2"]["inputs"]["text"]), encode(""),
+                                                {"samples": torch.zeros(1, 4, 16, 16)}, denoise=1.0)
+        image = bundle["vae"].decode(latent["samples"])[0]
+    want = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8).astype(int)
+    assert shown.shape == want.shape == (128, 128, 3) and np.abs(shown - want).max() <= 1
+    assert shown.std() > 0
 
 
 def test_loader_outputs_shapes(pack_module, caplog):
