@@ -53,7 +53,7 @@ DEFAULT_PROMPTS_OUT = BENCH / "data" / "segfree_prompts.txt"
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FID's formula on two feature sets; the one benchmarks/shapes_report.py uses."""
-    from shapes_report import frechet_distance as fd
+    from measures import frechet_distance as fd
 
     return fd(np.asarray(a, np.float64), np.asarray(b, np.float64))
 

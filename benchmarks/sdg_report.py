@@ -31,27 +31,13 @@ import time
 import numpy as np
 
 import harness
+from measures import diversity, frechet_distance
 
 DOCS = harness.ROOT / "docs"
 REAL_SEED_START = 30_000  # the same real scenes as the shapes-world report's base-model retrieval
 
 DEFAULT_SWEEPS = {"text": [0, 50, 100, 200], "content": [0, 50, 100, 200], "structure": [0, 100, 300],
                   "style": [0, 1000, 3000], "text+content": [0, 100]}
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
-
-
-def diversity(features: np.ndarray) -> float:
-    sims = features @ features.T
-    n = len(features)
-    return float((1 - sims[~np.eye(n, dtype=bool)]).mean()) if n > 1 else 0.0
 
 
 def retrieval_ranks(query: np.ndarray, sample_feats: np.ndarray, real_feats: np.ndarray, own: list[int], rng) -> np.ndarray:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import harness
+from measures import diversity, frechet_distance
 
 DOCS = harness.ROOT / "docs"
 
@@ -88,23 +89,6 @@ def binding(wanted: list[dict], found) -> dict:
     leak = any(d.shape == w["shape"] and d.colour == other["colour"] and other["colour"] != w["colour"]
                for w in wanted for other in wanted if other is not w for d in found)
     return {"present": present, "shapes": shapes, "leak": leak, "bound": present and not leak}
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
-
-
-def diversity(features: np.ndarray) -> float:
-    """Mean pairwise cosine distance of L2-normalised features."""
-    sims = features @ features.T
-    n = len(features)
-    return float((1 - sims[~np.eye(n, dtype=bool)]).mean()) if n > 1 else 0.0
 
 
 def image_features(mc_clip, images: np.ndarray) -> np.ndarray:

@@ -62,6 +62,24 @@ def pack_module(pack):
 
 
 @pytest.fixture(scope="session")
+def glue(pack_module):
+    """The pack's ComfyUI glue (nodes/glue/)."""
+    return pack_module("nodes.glue")
+
+
+@pytest.fixture(scope="session")
+def sf(pack_module):
+    """Segmentation-free guidance's plain-torch algorithm."""
+    return pack_module("nodes.algorithms.segfree")
+
+
+@pytest.fixture(scope="session")
+def nodes_sf(pack_module):
+    """Segmentation-free guidance's nodes."""
+    return pack_module("nodes.segfree")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd15():
     return tiny_models.tiny_model("sd15", seed=0)
 

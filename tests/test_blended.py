@@ -4,12 +4,12 @@ Run: python -m pytest tests/test_blended*.py -q
 """
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
 
 import tiny_models
+from tiny_models import box_mask, fingerprint, smooth_image
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +23,8 @@ def blended(pack_module):
 
 
 @pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
-
-
-@pytest.fixture(scope="module")
 def conds(tiny_clip):
     return tiny_models.encode(tiny_clip, "a red ball"), tiny_models.encode(tiny_clip, "")
-
-
-def box_mask(h, w, top, left, bottom, right, batch=1):
-    m = torch.zeros(batch, h, w)
-    m[:, top:bottom, left:right] = 1.0
-    return m
 
 
 def source_latent(seed=5, batch=1, h=8, w=8):
@@ -309,20 +298,6 @@ def test_masks_of_any_size_and_batch(blended, glue, tiny_sd15, conds):
 # ---------------------------------------------------------------------------------------------
 # Background reconstruction
 
-def weights_hash(module):
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def smooth_image(h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 4, 4, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1).movedim(1, -1)
-
-
 @pytest.fixture(scope="module")
 def edit_case(tiny_vae):
     """A source image, its latent with the masked region replaced (a stand-in for a sampled edit), the mask."""
@@ -349,10 +324,10 @@ def errors(algo, tiny_vae, image, z, source, mask):
 
 def test_decoder_finetune_restores_the_background(blended, algo, tiny_vae, edit_case):
     source, z, mask = edit_case
-    before = weights_hash(tiny_vae.first_stage_model)
+    before = fingerprint(tiny_vae.first_stage_model)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         (image,) = blended.DecoderFineTune.execute(tiny_vae, {"samples": z}, source, mask, 75, 1e-4, 100.0, 0.5).result
-    assert weights_hash(tiny_vae.first_stage_model) == before  # the user's VAE is untouched
+    assert fingerprint(tiny_vae.first_stage_model) == before  # the user's VAE is untouched
     e = errors(algo, tiny_vae, image, z, source, mask)
     factor = e["plain_background"] / e["background"]
     print(f"\ndecoder fine-tune (tiny VAE, 32x32, 75 steps, lr 1e-4, weight 100): background MSE "
@@ -373,10 +348,10 @@ def test_decoder_finetune_restores_the_background(blended, algo, tiny_vae, edit_
 
 def test_latent_optimization_lowers_the_background_error(blended, algo, tiny_vae, edit_case):
     source, z, mask = edit_case
-    before = weights_hash(tiny_vae.first_stage_model)
+    before = fingerprint(tiny_vae.first_stage_model)
     with torch.inference_mode():
         image, latent = blended.LatentOptimization.execute(tiny_vae, {"samples": z}, source, mask, 75, 0.1, 100.0, 0.5).result
-    assert weights_hash(tiny_vae.first_stage_model) == before
+    assert fingerprint(tiny_vae.first_stage_model) == before
     e = errors(algo, tiny_vae, image, z, source, mask)
     print(f"\nlatent optimisation (tiny VAE, 32x32, 75 steps, lr 0.1): background MSE {e['plain_background']:.5f} -> "
           f"{e['background']:.6f}; edited region MSE vs plain decode {e['edited']:.5f} (source: {e['source_in_region']:.5f})")

@@ -2,12 +2,12 @@
 16-channel VAE, all built with ComfyUI's own classes."""
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
 
 import tiny_models
+from tiny_models import box_mask, fingerprint, smooth_image
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,6 @@ def algo(pack_module):
 @pytest.fixture(scope="module")
 def blended(pack_module):
     return pack_module("nodes.blended")
-
-
-@pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +37,6 @@ def conds(kind):
         for c in (positive, negative):
             c[0][1]["guidance"] = 3.5
     return positive, negative
-
-
-def box_mask(h, w, top, left, bottom, right, batch=1):
-    m = torch.zeros(batch, h, w)
-    m[:, top:bottom, left:right] = 1.0
-    return m
 
 
 def source_latent(seed=5, batch=1, h=8, w=8):
@@ -96,20 +85,6 @@ def test_blended_sampler_wrapper_on_flux(blended, models):
     assert (out[inside] - source[inside]).abs().mean() > 0.1
 
 
-def weights_hash(module):
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def smooth_image(h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 4, 4, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1).movedim(1, -1)
-
-
 @pytest.fixture(scope="module")
 def edit_case(vae16):
     source = smooth_image(32, 32)
@@ -131,10 +106,10 @@ def background_errors(algo, vae, image, z, source, mask):
 
 def test_decoder_finetune_on_a_16_channel_vae(blended, algo, vae16, edit_case):
     source, z, mask = edit_case
-    before = weights_hash(vae16.first_stage_model)
+    before = fingerprint(vae16.first_stage_model)
     with torch.inference_mode():
         (image,) = blended.DecoderFineTune.execute(vae16, {"samples": z}, source, mask, 40, 1e-4, 100.0, 0.5).result
-    assert weights_hash(vae16.first_stage_model) == before
+    assert fingerprint(vae16.first_stage_model) == before
     after, plain = background_errors(algo, vae16, image, z, source, mask)
     assert image.shape == (1, 32, 32, 3) and after < 0.2 * plain
 

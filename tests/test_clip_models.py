@@ -24,11 +24,6 @@ def clip_models(pack_module):
 
 
 @pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
-
-
-@pytest.fixture(scope="module")
 def tiny_open_clip(clip_models):
     """A seeded tiny open_clip CLIP written as models/more_control_clip/mc_test_tiny_clip.safetensors with
     its config beside it, and the same weights once more without a config (for the architecture-name path)."""
@@ -103,16 +98,7 @@ def test_loader_errors_name_the_input(clip_models, glue, tiny_open_clip, monkeyp
 
 def test_comfy_clip_vision_and_text_encoder_pair(clip_models, glue, tiny_clip, tmp_path):
     """ComfyUI's CLIP_VISION + a CLIP text encoder of the same width work as an MC_CLIP."""
-    import comfy.clip_vision
-
-    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
-              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
-              "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-              "patch_size": 16, "projection_dim": 768, "torch_dtype": "float32"}
-    path = tmp_path / "tiny_vision.json"
-    path.write_text(json.dumps(config))
-    vision = comfy.clip_vision.ClipVisionModel(str(path))
-    tiny_models.seeded_init(vision.model, 4)
+    vision = tiny_models.tiny_clip_vision(tmp_path)
     (mc_clip,) = clip_models.CLIPFromComfy.execute(vision, tiny_clip).result
     images = torch.rand(2, 48, 40, 3, generator=torch.Generator().manual_seed(6))
     feats = mc_clip.encode_image(images)
@@ -150,16 +136,7 @@ def test_rank_by_clip_with_an_open_clip_model(clip_models, tiny_open_clip, pack_
 def test_comfy_pair_of_different_embedding_sizes_is_refused(clip_models, glue, tiny_clip, tmp_path):
     """An image tower and a text encoder of different embedding sizes are not one CLIP: refused at the
     node, naming both inputs, instead of a shape error later in ranking or guidance."""
-    import comfy.clip_vision
-
-    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
-              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
-              "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-              "patch_size": 16, "projection_dim": 512, "torch_dtype": "float32"}
-    path = tmp_path / "tiny_vision_512.json"
-    path.write_text(json.dumps(config))
-    vision = comfy.clip_vision.ClipVisionModel(str(path))
-    tiny_models.seeded_init(vision.model, 4)
+    vision = tiny_models.tiny_clip_vision(tmp_path, projection_dim=512)
     with pytest.raises(glue.NodeInputError, match=r"MC_CLIPFromComfy: input 'clip': the text encoder gives 768-wide "
                                                   r"embeddings but the image tower \(input 'clip_vision'\) gives 512-wide"):
         clip_models.CLIPFromComfy.execute(vision, tiny_clip)

@@ -5,12 +5,11 @@ Run: python -m pytest tests/test_iterative_edit.py -q
 """
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
 import composition_fixtures as fixtures
+import tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,6 @@ def algo(pack_module):
 @pytest.fixture(scope="module")
 def composition(pack_module):
     return pack_module("nodes.composition")
-
-
-@pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +68,7 @@ def edit_graph(instructions: str, with_masks: bool, steps: int = 2, denoise: flo
 
 
 def fingerprint(model, clip, vae) -> str:
-    h = hashlib.sha256()
-    for module in (model.model, clip.cond_stage_model, vae.first_stage_model):
-        for k, v in sorted(module.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes())
-    h.update(repr(sorted(model.model_options.keys())).encode())
-    return h.hexdigest()
+    return tiny_models.fingerprint(model.model, clip.cond_stage_model, vae.first_stage_model, patcher=model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 noise-aware encoder (files, errors, training), on tiny models through ComfyUI's own samplers."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pathlib
@@ -17,11 +16,6 @@ import tiny_models
 @pytest.fixture(scope="module")
 def algo(pack_module):
     return pack_module("nodes.algorithms.sdg")
-
-
-@pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +52,7 @@ def ksample(comfy_nodes, model, positive, negative, cfg=1.0, steps=3, seed=7, ba
 
 
 def fingerprint(*modules) -> str:
-    h = hashlib.sha256()
-    for module in modules:
-        for name, p in sorted(module.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return tiny_models.fingerprint(*modules)
 
 
 def guidance_of(nodes_sdg, mc_clip, kind: str, scale: float = 50.0, refs: torch.Tensor | None = None):
@@ -422,16 +411,7 @@ def test_one_text_per_sample(comfy_nodes, glue, mc_clip, encoder, tiny_sd15, con
 
 def test_comfy_clip_vision_gives_differentiable_token_maps(clip_models, tiny_clip, tmp_path):
     """MC_CLIPFromComfy's pair: feature maps of chosen ViT blocks on the patch grid, with gradients."""
-    import comfy.clip_vision
-
-    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
-              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
-              "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 3,
-              "patch_size": 8, "projection_dim": 768, "torch_dtype": "float32"}
-    path = tmp_path / "vision.json"
-    path.write_text(json.dumps(config))
-    vision = comfy.clip_vision.ClipVisionModel(str(path))
-    tiny_models.seeded_init(vision.model, 4)
+    vision = tiny_models.tiny_clip_vision(tmp_path, layers=3, patch_size=8)
     (pair,) = clip_models.CLIPFromComfy.execute(vision, tiny_clip).result
     assert clip_models.feature_stages(pair) == 3
     images = sdg_fixtures.reference_images(2, 40).requires_grad_(True)

@@ -1,7 +1,6 @@
 """Segmentation-free guidance: the attention edit, the switch, the combine, and the node paths."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
@@ -10,29 +9,8 @@ import torch
 import tiny_models
 
 
-@pytest.fixture(scope="module")
-def sf(pack_module):
-    return pack_module("nodes.algorithms.segfree")
-
-
-@pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
-
-
-@pytest.fixture(scope="module")
-def nodes_sf(pack_module):
-    return pack_module("nodes.segfree")
-
-
 def model_fingerprint(model_patcher) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model_patcher.model.diffusion_model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    h.update(repr(sorted(model_patcher.model_options.get("transformer_options", {}).keys())).encode())
-    h.update(repr(sorted(k for k in model_patcher.model_options)).encode())
-    return h.hexdigest()
+    return tiny_models.fingerprint(model_patcher.model.diffusion_model, patcher=model_patcher)
 
 
 def ksample(comfy_nodes, model, positive, negative, cfg=6.0, steps=4, seed=7, latent=None, sampler="euler"):

@@ -2,7 +2,6 @@
 Flux (double- and single-stream blocks), tiny models built with ComfyUI's own classes."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
@@ -12,21 +11,6 @@ import tiny_models
 
 SETTINGS = dict(segfree_scale=10.0, segfree_cfg=2.0, attention_heads="mean over heads", candidates="prompt words")
 PROMPT = "a cute maltese white dog, next to a cat"
-
-
-@pytest.fixture(scope="module")
-def sf(pack_module):
-    return pack_module("nodes.algorithms.segfree")
-
-
-@pytest.fixture(scope="module")
-def glue(pack_module):
-    return pack_module("nodes.glue")
-
-
-@pytest.fixture(scope="module")
-def nodes_sf(pack_module):
-    return pack_module("nodes.segfree")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +41,7 @@ def run_node(node_cls, **kwargs):
 
 
 def fingerprint(model_patcher) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model_patcher.model.diffusion_model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    h.update(repr(sorted(model_patcher.model_options.get("transformer_options", {}).keys())).encode())
-    h.update(repr(sorted(model_patcher.model_options)).encode())
-    return h.hexdigest()
+    return tiny_models.fingerprint(model_patcher.model.diffusion_model, patcher=model_patcher)
 
 
 # ---------------------------------------------------------------------------------------------

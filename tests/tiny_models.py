@@ -300,3 +300,56 @@ def dit_conditioning(kind: str, text_seed: int, tokens: int | None = None, batch
     if kind == "sd3":
         return [[torch.randn(batch, tokens or 154, SD3_CONTEXT_DIM, generator=g), {"pooled_output": torch.randn(batch, 2048, generator=g)}]]
     return [[torch.randn(batch, tokens or 256, FLUX_CONTEXT_DIM, generator=g), {"pooled_output": torch.randn(batch, 32, generator=g)}]]
+
+
+def tiny_clip_vision(folder, projection_dim: int = 768, layers: int = 2, patch_size: int = 16, seed: int = 4):
+    """ComfyUI's ClipVisionModel at a tiny size (64 wide, 32 px images), seeded; its config is
+    written into `folder` because ComfyUI builds it from a JSON file."""
+    import json
+    import pathlib
+
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
+              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
+              "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+              "num_hidden_layers": layers, "patch_size": patch_size, "projection_dim": projection_dim,
+              "torch_dtype": "float32"}
+    path = pathlib.Path(folder) / f"tiny_vision_{projection_dim}_{layers}_{patch_size}.json"
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    seeded_init(vision.model, seed)
+    return vision
+
+
+# ---------------------------------------------------------------------------------------------
+# Small images, masks and fingerprints for the tests
+
+def box_mask(h, w, top, left, bottom, right, batch=1):
+    """A MASK (batch, h, w): 1 inside the box, 0 outside."""
+    m = torch.zeros(batch, h, w)
+    m[:, top:bottom, left:right] = 1.0
+    return m
+
+
+def smooth_image(h, w, seed=0):
+    """A smooth random IMAGE (1, h, w, 3) in [0, 1]: a bicubic blow-up of 4x4 random colours."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1).movedim(1, -1)
+
+
+def fingerprint(*modules, patcher=None) -> str:
+    """sha256 over modules' weights (as float32 bytes) and, given a ModelPatcher, the keys of its
+    model options: equal fingerprints before and after mean nothing the user passed in was changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in modules:
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    if patcher is not None:
+        h.update(repr(sorted(patcher.model_options.get("transformer_options", {}).keys())).encode())
+        h.update(repr(sorted(patcher.model_options)).encode())
+    return h.hexdigest()

@@ -60,9 +60,10 @@ class LatentBuffer:
                 self.next += 1
 
     def sample(self, rng: np.random.Generator, n: int):
+        """(latents as float32, conditioning as stored: text embeddings or token ids) on the device."""
         idx = rng.integers(0, len(self.latents), size=n)
         return (torch.stack([self.latents[i] for i in idx]).to(self.device).float(),
-                torch.stack([self.context[i] for i in idx]).to(self.device).float())
+                torch.stack([self.context[i] for i in idx]).to(self.device))
 
 
 def encode_text(clip, captions: list[str]) -> torch.Tensor:
@@ -180,7 +181,7 @@ def main(argv=None):
     @torch.no_grad()
     def add_scenes(n):
         x, captions = common.world_batch(world, rng, n)
-        pool.add(encode_latents(x).cpu(), tokenize(captions).astype("int64") if args.train_text_encoder
+        pool.add(encode_latents(x).cpu(), torch.from_numpy(tokenize(captions).astype("int64")) if args.train_text_encoder
                  else encode_text(clip, captions).to(torch.float16).cpu(), captions)
 
     if args.dataset:  # the whole pre-rendered set, encoded once, kept on the device
@@ -204,10 +205,7 @@ def main(argv=None):
             idx = torch.randint(0, len(all_latents), (args.batch,), device=run.device)
             return all_latents[idx].float(), all_tokens[idx]
         add_scenes(args.fresh)
-        idx = rng.integers(0, len(pool), size=args.batch)
-        z0 = torch.stack([pool.latents[i] for i in idx]).to(run.device).float()
-        cond = torch.stack([torch.as_tensor(pool.context[i]) for i in idx]).to(run.device)
-        return z0, cond
+        return pool.sample(rng, args.batch)
 
     def ema_state_dicts():
         ema.store(trained)

@@ -54,6 +54,11 @@ def diffusion_model(model_patcher):
     return model_patcher.model.diffusion_model
 
 
+def vae_ratio(vae) -> int:
+    """How many pixels one latent cell spans (8 for SD's VAEs), as VAE Encode crops by it."""
+    return int(vae.spacial_compression_encode())
+
+
 def model_family(model_patcher) -> str:
     """A name users recognise: the supported-model config (SD15, SDXL, Flux, SD3...)."""
     config = getattr(model_patcher.model, "model_config", None)

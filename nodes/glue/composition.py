@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import composition as comp_algo
+from . import vae_ratio
 from .sampling import blended_sample
 
-__all__ = ["TURN_EVENT", "encode_text", "vae_ratio", "TurnEditor", "turn_reporter", "ComposerBundle", "load_composer",
+__all__ = ["TURN_EVENT", "encode_text", "TurnEditor", "turn_reporter", "ComposerBundle", "load_composer",
            "compose_turn"]
 
 TURN_EVENT = "more_control.turn"  # the page extension draws each finished turn on the node
@@ -18,10 +19,6 @@ TURN_EVENT = "more_control.turn"  # the page extension draws each finished turn 
 def encode_text(clip, text: str):
     """CLIPTextEncode's own path (tokenize, then encode with schedule support)."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
-def vae_ratio(vae) -> int:
-    return int(vae.spacial_compression_encode())
 
 
 class TurnEditor:

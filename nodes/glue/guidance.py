@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..algorithms import sdg as algo
-from . import NodeInputError, gradients_enabled, model_family, outside_inference
+from . import NodeInputError, gradients_enabled, model_family, outside_inference, vae_ratio
 
 __all__ = ["MODE_NOISE_AWARE", "MODE_EXACT", "MODE_FAST", "MODES", "ENCODER_FOLDER", "GuidanceTerm", "Guidance",
            "combine_guidance", "SemanticSettings", "NoiseAwareEncoderFile", "save_noise_aware_encoder",
@@ -264,7 +264,7 @@ class SemanticGuidanceHook:
         if key not in self._references:
             import comfy.utils
 
-            ratio = int(getattr(self.vae, "downscale_ratio", 8)) if not callable(getattr(self.vae, "downscale_ratio", None)) else 8
+            ratio = vae_ratio(self.vae)
             image = term.reference[..., :3].movedim(-1, 1)
             image = comfy.utils.common_upscale(image, shape[-1] * ratio, shape[-2] * ratio, "bilinear", "center").movedim(1, -1)
             with torch.no_grad():

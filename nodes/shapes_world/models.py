@@ -35,7 +35,6 @@ DEFAULT_SCALE_FACTOR = 1.0  # used by random weights; trained weights record the
 
 VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3, "ch": 32,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-VAE_CONFIG = {"params": {"embed_dim": 4, "ddconfig": VAE_DDCONFIG}}
 
 CLIP_EMBED_DIM = 128
 CLIP_VISION_CFG = {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32}
