@@ -91,3 +91,33 @@ def test_the_check_catches_a_stale_name():
             "```\npython benchmarks/no_such_bench.py --out models/shapes_world\n```\n")
     assert missing_paths(text) == ["benchmarks/no_such_bench.py", "docs/old_results.md", "nodes/glue.py",
                                    "not_a_file_anywhere.py", "tests/test_nothing*.py", "training/train_gone.py"]
+
+
+def table_names(marker: str, text: str | None = None) -> list[str]:
+    """The first-column names of the README table between `<!-- marker:start -->` and `:end`."""
+    text = README.read_text() if text is None else text
+    body = text.split(f"<!-- {marker}:start -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", body, flags=re.M)
+
+
+def test_the_nodes_table_lists_every_node():
+    """Every node (test_foundation checks each registered node has a help page) has a row, and every
+    row is a node that exists."""
+    nodes = {p.stem for p in (PACK / "web" / "docs").glob("MC_*.md")}
+    rows = table_names("nodes-table")
+    assert len(rows) == len(set(rows)), "a node is listed twice"
+    assert sorted(nodes - set(rows)) == [], "nodes missing from the README's nodes table"
+    assert sorted(set(rows) - nodes) == [], "the README's nodes table lists nodes that do not exist"
+
+
+def test_the_workflows_table_lists_every_workflow():
+    workflows = {p.stem for p in (PACK / "workflows").glob("*.json")}
+    rows = table_names("workflows-table")
+    assert len(rows) == len(set(rows)), "a workflow is listed twice"
+    assert sorted(workflows - set(rows)) == [], "workflows missing from the README's workflows table"
+    assert sorted(set(rows) - workflows) == [], "the README's workflows table lists workflows that do not exist"
+
+
+def test_the_table_reader_sees_a_missing_row():
+    text = "<!-- t:start -->\n| node | what |\n|---|---|\n| `MC_A` | a |\n| `MC_B` | b |\n<!-- t:end -->\n| `MC_C` | c |\n"
+    assert table_names("t", text) == ["MC_A", "MC_B"]
