@@ -27,6 +27,8 @@ def setup():
     if str(COMFY_DIR) in sys.path:
         sys.path.remove(str(COMFY_DIR))
     sys.path.insert(0, str(COMFY_DIR))
+    from . import distributed
+    distributed.select_cuda_device()  # under torchrun: this process's GPU before ComfyUI picks one
     import comfy.cli_args
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     comfy.cli_args.args.disable_api_nodes = True

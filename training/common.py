@@ -4,6 +4,9 @@ Every command stops at `--steps` or after `--minutes` (whichever comes first), p
 saves a checkpoint every `--save-every-minutes` (so an interrupted run still leaves weights),
 draws the loss curve as a PNG and writes a JSON record (command, seed, time, final loss)
 beside the weights.
+
+Under torchrun (training/distributed.py) the Run is rank-aware: only rank 0 prints, saves
+(`Run.save`) and writes the record; the --minutes budget is rank 0's clock, broadcast every step.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from . import comfy_env
+from . import comfy_env, distributed
 
 DEFAULT_OUT = comfy_env.PACK_DIR / "models" / "shapes_world"
 
@@ -54,6 +57,8 @@ class Run:
 
     def __init__(self, name: str, args: argparse.Namespace):
         self.name, self.args = name, args
+        self.dist = distributed.init()
+        self.is_main = self.dist.is_main
         self.out = pathlib.Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         if args.threads:
@@ -68,8 +73,36 @@ class Run:
         self.step_offset, self.seconds_offset = 0, 0.0
         self.previous_runs: list[dict] = []
         self.previous_losses: list[tuple[int, float]] = []
-        print(f"[{name}] device {self.device}, torch threads {torch.get_num_threads()}, "
-              f"steps <= {args.steps}, budget {args.minutes or 'none'} min, out {self.out}", flush=True)
+        self._agreed = (-1, False, 0.0)  # (step, done, rank 0's elapsed seconds) as rank 0 decided
+        processes = f", {self.dist.world_size} processes (batch {args.batch} each)" if self.dist.enabled else ""
+        self.print(f"[{name}] device {self.device}, torch threads {torch.get_num_threads()}, "
+                   f"steps <= {args.steps}, budget {args.minutes or 'none'} min, out {self.out}{processes}")
+
+    def print(self, message: str):
+        if self.is_main:
+            print(message, flush=True)
+
+    @property
+    def data_seed(self) -> int:
+        """This process's seed for data and noise (the run's seed on rank 0 and without torchrun)."""
+        return distributed.data_seed(self.args.seed)
+
+    def seed_data(self):
+        """Reseed the global generators for this process's data and noise, after the models were
+        built from the run's seed (under torchrun only: one process draws what it always drew)."""
+        if self.dist.enabled:
+            seed_everything(self.data_seed)
+
+    def save(self, write, *paths):
+        """Rank 0 writes (write() saves `paths`); the other processes write nothing."""
+        if self.is_main:
+            write()
+            for path in paths:
+                distributed.note_write(path)
+
+    def finish(self, *trained: torch.nn.Module):
+        """After the last save and record: every process waits for the others (see distributed.finish)."""
+        distributed.finish(*trained, name=self.name, steps=self.step, batch_per_process=self.args.batch)
 
     def resume_from(self, weights_file: str) -> bool:
         """With --resume and weights in --out: carry over the earlier runs' record and loss history
@@ -96,13 +129,32 @@ class Run:
     def elapsed(self) -> float:
         return time.time() - self.start
 
+    def _over(self, seconds: float) -> bool:
+        return self.step >= self.args.steps or (self.args.minutes > 0 and seconds >= self.args.minutes * 60)
+
     def done(self) -> bool:
-        return self.step >= self.args.steps or (self.args.minutes > 0 and self.elapsed() >= self.args.minutes * 60)
+        """Whether the run stops at this step. Under torchrun a collective call (rank 0's clock
+        decides, every rank must call it once per step, as the training loop's condition)."""
+        if not self.dist.enabled:
+            return self._over(self.elapsed())
+        if self._agreed[0] != self.step:
+            stop, seconds = distributed.broadcast_from_main([float(self._over(self.elapsed())), self.elapsed()], self.device)
+            self._agreed = (self.step, bool(stop), seconds)
+        return self._agreed[1]
+
+    def budget_elapsed(self) -> float:
+        """Seconds elapsed as the budget counts them: rank 0's, as agreed at the last done()."""
+        return self._agreed[2] if self.dist.enabled else self.elapsed()
 
     def log(self, loss: float, **more):
+        """Every process calls it once per step: the loss is averaged over the processes (a
+        contrastive loss over the gathered batch is the same on every rank)."""
+        loss = distributed.mean(float(loss), self.device)
         self.step += 1
         self.losses.append((self.step, float(loss)))
-        if self.step == 1 or self.step % self.args.log_every == 0 or self.done():
+        if not self.is_main:
+            return
+        if self.step == 1 or self.step % self.args.log_every == 0 or self._over(self.elapsed()):
             recent = [v for _, v in self.losses[-self.args.log_every:]]
             rate = self.step / max(self.elapsed(), 1e-6)
             left_steps = self.args.steps - self.step
@@ -124,7 +176,8 @@ class Run:
         return float(np.mean(vals)) if vals else float("nan")
 
     def record(self, weights_file: str, **fields) -> dict:
-        """Write <weights>.json and <weights>_loss.png beside the weights."""
+        """Write <weights>.json and <weights>_loss.png beside the weights (rank 0 only: call it there)."""
+        assert self.is_main, "the record is rank 0's"
         stem = pathlib.Path(weights_file).stem
         rec = {
             "model": self.name,
@@ -147,6 +200,9 @@ class Run:
             "torch": torch.__version__,
             "loss_curve": f"{stem}_loss.png",
         }
+        if self.dist.enabled:
+            rec["processes"] = self.dist.world_size
+            rec["global_batch"] = self.args.batch * self.dist.world_size
         if self.previous_runs:
             rec["previous_runs"] = self.previous_runs
         rec.update(self.extra)
@@ -156,6 +212,7 @@ class Run:
         rec["loss_history"] = [[int(s), round(float(v), 6)] for s, v in history[::every]]
         (self.out / f"{stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
         save_loss_curve(history, self.out / f"{stem}_loss.png", title=f"{self.name}: loss per step")
+        distributed.note_write(self.out / f"{stem}.json")
         return rec
 
 
@@ -264,7 +321,7 @@ def lr_factor(run: "Run", warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(run.args.steps - warmup, 1)
     if run.args.minutes > 0:
-        progress = max(progress, min(run.elapsed() / (run.args.minutes * 60), 1.0))
+        progress = max(progress, min(run.budget_elapsed() / (run.args.minutes * 60), 1.0))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -279,14 +336,30 @@ class SceneSet:
         self.captions = json.loads((folder / "captions.json").read_text())
         self.seeds = np.load(folder / "seeds.npy")
         assert len(self.images) == len(self.captions) == len(self.tokens) == len(self.seeds)
+        self.index = np.arange(len(self.captions))  # the scenes this process draws from
 
     def __len__(self):
         return len(self.captions)
 
+    def split_across_processes(self, seed: int) -> "SceneSet":
+        """Under torchrun: keep this rank's shard of a DistributedSampler (disjoint, shuffled by
+        `seed`, the same on every rank); batches are drawn from it."""
+        ctx = distributed.context()
+        if ctx.enabled:
+            from torch.utils.data import DistributedSampler
+            sampler = DistributedSampler(self, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+            self.index = np.asarray(list(sampler))
+        return self
+
     def batch(self, rng: np.random.Generator, n: int):
-        idx = np.sort(rng.integers(0, len(self), size=n))
+        idx = np.sort(self.index[rng.integers(0, len(self.index), size=n)])
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).float().div(255.0).permute(0, 3, 1, 2)
         return x.contiguous(), [self.captions[i] for i in idx], idx
+
+
+def open_scene_set(folder) -> "SceneSet | None":
+    """The pre-rendered scene set at `folder` (None: fresh scenes), this process's shard under torchrun."""
+    return SceneSet(folder).split_across_processes(seed=0) if folder else None
 
 
 def scene_batches(world, rng: np.random.Generator, n: int, scene_set: "SceneSet | None"):

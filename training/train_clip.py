@@ -3,6 +3,7 @@ transformer, standard CLIP BPE, 77-token context) with the symmetric contrastive
 scene captions.
 
     python -m training.train_clip --minutes 25 --out models/shapes_world
+    torchrun --standalone --nproc_per_node 4 -m training.train_clip --batch 64 --out ...  # 4 GPUs: InfoNCE over 256
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import importlib
 import numpy as np
 import torch
 
-from . import comfy_env, common
+from . import comfy_env, common, distributed
 
 
 @torch.no_grad()
@@ -45,26 +46,29 @@ def main(argv=None):
     if run.resume_from(models.CLIP_FILE):
         model.load_state_dict(models.load_weights(run.out / models.CLIP_FILE))
     model = model.to(run.device).train()
+    trained = distributed.wrap(model)
     wrapper = models.ShapesWorldCLIP(model, device=run.device)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embedding" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: common.lr_factor(run, args.warmup, args.lr_schedule))
-    scenes = common.SceneSet(args.dataset) if args.dataset else None
-    loss_fn = open_clip.loss.ClipLoss()
-    rng = np.random.default_rng(args.seed)
+    scenes = common.open_scene_set(args.dataset)
+    loss_fn = distributed.clip_loss() if run.dist.enabled else open_clip.loss.ClipLoss()
+    run.seed_data()
+    rng = np.random.default_rng(run.data_seed)
     eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 256)))
 
     def save():
-        models.save_weights(model.state_dict(), run.out / models.CLIP_FILE, fp16=True)
+        run.save(lambda: models.save_weights(model.state_dict(), run.out / models.CLIP_FILE, fp16=True),
+                 run.out / models.CLIP_FILE)
 
     while not run.done():
         x, captions = common.scene_batches(world, rng, args.batch, scenes)
         pixels = wrapper.preprocess(x.permute(0, 2, 3, 1))
         tokens = wrapper.tokenize(captions).to(run.device)
         with common.autocast(run.device, args.amp):
-            fi, ft, logit_scale = model(pixels, tokens)
+            fi, ft, logit_scale = trained(pixels, tokens)
         loss = loss_fn(fi.float(), ft.float(), logit_scale.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,14 +83,19 @@ def main(argv=None):
             model.train()
 
     save()
+    if not run.is_main:
+        run.finish(model)
+        return None
     acc = retrieval_accuracy(wrapper, world, eval_seeds)
+    n = args.batch * run.dist.world_size
     rec = run.record(models.CLIP_FILE, heldout_retrieval=acc, warmup=args.warmup,
-                     final_loss_definition=f"symmetric InfoNCE over a batch of {args.batch} (chance = ln {args.batch} "
-                                           f"= {np.log(args.batch):.3f})",
+                     final_loss_definition=f"symmetric InfoNCE over a batch of {n} (chance = ln {n} = {np.log(n):.3f})"
+                                           + (f", gathered from {run.dist.world_size} processes" if run.dist.enabled else ""),
                      stored_dtype="float16")
     print(f"[clip] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss "
           f"{rec['final_loss']:.4f}, held-out top-1 among {acc['n']}: image->text {acc['image_to_text_top1']:.3f}, "
           f"text->image {acc['text_to_image_top1']:.3f}", flush=True)
+    run.finish(model)
     return rec
 
 

@@ -6,6 +6,7 @@ same network at less cost. At the end the latent scale factor (1 / std of the po
 on fresh scenes) is computed and recorded, as SD's 0.18215 was.
 
     python -m training.train_vae --minutes 25 --out models/shapes_world
+    torchrun --standalone --nproc_per_node 4 -m training.train_vae --dataset /dev/shm/shapes --out ...  # 4 GPUs
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import importlib
 import numpy as np
 import torch
 
-from . import comfy_env, common
+from . import comfy_env, common, distributed
 
 
 def posterior(model, x):
@@ -26,6 +27,20 @@ def posterior(model, x):
 
 def decode(model, z):
     return model.decoder(model.post_quant_conv(z))
+
+
+class Reconstruction(torch.nn.Module):
+    """The training forward in one module call (what DistributedDataParallel synchronises):
+    posterior, a sample of it, its decoding."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        mean, logvar = posterior(self.model, x)
+        z = mean + torch.exp(0.5 * logvar.float()) * torch.randn_like(mean.float())
+        return mean, logvar, decode(self.model, z)
 
 
 @torch.no_grad()
@@ -69,14 +84,17 @@ def main(argv=None):
     if resuming:
         model.load_state_dict(models.load_weights(run.out / models.VAE_FILE))
     model = model.to(run.device).train()
+    reconstruction = distributed.wrap(Reconstruction(model))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: common.lr_factor(run, args.warmup, args.lr_schedule))
-    scenes = common.SceneSet(args.dataset) if args.dataset else None
-    rng = np.random.default_rng(args.seed)
+    scenes = common.open_scene_set(args.dataset)
+    run.seed_data()
+    rng = np.random.default_rng(run.data_seed)
     eval_seeds = list(range(world.HELD_OUT_SEED_START, world.HELD_OUT_SEED_START + (4 if args.tiny else 256)))
 
     def save():
-        models.save_weights(model.state_dict(), run.out / models.VAE_FILE, fp16=args.fp16)
+        run.save(lambda: models.save_weights(model.state_dict(), run.out / models.VAE_FILE, fp16=args.fp16),
+                 run.out / models.VAE_FILE)
 
     while not run.done():
         x, _ = common.scene_batches(world, rng, args.batch, scenes)
@@ -85,10 +103,8 @@ def main(argv=None):
             x = x[:, :, i:i + args.crop, j:j + args.crop]
         x = x.to(run.device, non_blocking=True) * 2 - 1
         with common.autocast(run.device, args.amp):
-            mean, logvar = posterior(model, x)
-            z = mean + torch.exp(0.5 * logvar.float()) * torch.randn_like(mean.float())
-            rec = decode(model, z).float()
-        mean, logvar = mean.float(), logvar.float()
+            mean, logvar, rec = reconstruction(x)
+        mean, logvar, rec = mean.float(), logvar.float(), rec.float()
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -102,9 +118,12 @@ def main(argv=None):
         if run.should_save():
             save()
 
+    save()
+    if not run.is_main:
+        run.finish(model)
+        return None
     ev = evaluate(model, world, run.device, eval_seeds)
     scale = 1.0 / max(ev["latent_std"], 1e-6)
-    save()
     common.save_image_grid(torch.cat([ev["input"][:8], ev["recon"][:8]]).cpu(), run.out / "vae_samples.png")
     rec = run.record(models.VAE_FILE, scale_factor=scale, heldout_psnr_db=ev["psnr"], latent_std=ev["latent_std"],
                      ddconfig=ddconfig, dataset=str(args.dataset) if args.dataset else "fresh scenes per step",
@@ -113,6 +132,7 @@ def main(argv=None):
                      samples="vae_samples.png (top: held-out inputs, bottom: reconstructions)")
     print(f"[vae] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.5f}, "
           f"held-out PSNR {ev['psnr']:.2f} dB, scale factor {scale:.4f}", flush=True)
+    run.finish(model)
     return rec
 
 
