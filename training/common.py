@@ -100,9 +100,13 @@ class Run:
             for path in paths:
                 distributed.note_write(path)
 
-    def finish(self, *trained: torch.nn.Module):
+    def end_training(self, *trained: torch.nn.Module):
+        """After the last optimiser step (the MC_DIST_CHECK fingerprint of the trained modules)."""
+        distributed.note_trained(*trained)
+
+    def finish(self):
         """After the last save and record: every process waits for the others (see distributed.finish)."""
-        distributed.finish(*trained, name=self.name, steps=self.step, batch_per_process=self.args.batch)
+        distributed.finish(name=self.name, steps=self.step, batch_per_process=self.args.batch)
 
     def resume_from(self, weights_file: str) -> bool:
         """With --resume and weights in --out: carry over the earlier runs' record and loss history

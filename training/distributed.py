@@ -116,7 +116,7 @@ def clip_loss():
     class _NotedClipLoss(ClipLoss):
         def get_logits(self, *args, **kwargs):
             logits = super().get_logits(*args, **kwargs)
-            note_logits("clip", logits[0])
+            note_logits("clip", logits[0].shape)
             return logits
 
     ctx = context()
@@ -145,8 +145,9 @@ def broadcast_from_main(values: list[float], device) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # The test hook (MC_DIST_CHECK)
 
-def note_logits(name: str, logits: torch.Tensor):
-    _check["logits"][name] = list(logits.shape)
+def note_logits(name: str, shape):
+    """The (rows, columns) of a contrastive loss's logits, for the check file."""
+    _check["logits"][name] = [int(n) for n in shape]
 
 
 def note_write(path):
@@ -162,14 +163,24 @@ def parameters_sha256(*modules: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def finish(*trained: torch.nn.Module, **fields):
+def note_trained(*trained: torch.nn.Module):
+    """The fingerprint of the trained weights as the last optimiser step left them (before rank 0
+    alone evaluates, samples, loads EMA weights)."""
+    if os.environ.get("MC_DIST_CHECK"):
+        _check["parameters_sha256"] = parameters_sha256(*trained)
+        if os.environ.get("MC_DIST_CHECK_EACH"):  # per tensor, to find which ones differ
+            _check["parameter_sha256"] = {
+                f"{i}.{name}": hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+                for i, m in enumerate(trained) for name, p in m.named_parameters()}
+
+
+def finish(**fields):
     """End of a run: the MC_DIST_CHECK file (if asked), then wait for every process and leave the group."""
     ctx = context()
     folder = os.environ.get("MC_DIST_CHECK")
     if folder:
         pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
-        out = {"rank": ctx.rank, "world_size": ctx.world_size, "parameters_sha256": parameters_sha256(*trained),
-               "logits": _check["logits"], "writes": _check["writes"], **fields}
+        out = {"rank": ctx.rank, "world_size": ctx.world_size, **_check, **fields}
         (pathlib.Path(folder) / f"rank{ctx.rank}.json").write_text(json.dumps(out, indent=1) + "\n")
     if ctx.enabled and dist.is_initialized():
         dist.barrier()

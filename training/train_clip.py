@@ -82,9 +82,10 @@ def main(argv=None):
             save()
             model.train()
 
+    run.end_training(model)
     save()
     if not run.is_main:
-        run.finish(model)
+        run.finish()
         return None
     acc = retrieval_accuracy(wrapper, world, eval_seeds)
     n = args.batch * run.dist.world_size
@@ -95,7 +96,7 @@ def main(argv=None):
     print(f"[clip] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss "
           f"{rec['final_loss']:.4f}, held-out top-1 among {acc['n']}: image->text {acc['image_to_text_top1']:.3f}, "
           f"text->image {acc['text_to_image_top1']:.3f}", flush=True)
-    run.finish(model)
+    run.finish()
     return rec
 
 

@@ -19,6 +19,10 @@ Ablations of the paper's Table 2: --no-icm (skip stage 1, delta = 0), --eta 0 (f
 
     python -m training.train_composer --minutes 10 --out models/shapes_world
     python -m training.train_composer --tiny --base random --out /tmp/composer   # CI
+    torchrun --standalone --nproc_per_node 8 -m training.train_composer --out ...  # the paper's 8 GPUs
+
+Under torchrun each stage's loss is the forward of a module around the composer (StageLoss) in
+DistributedDataParallel, and L_icm / L_n-icm are over the (c, E(z)) pairs gathered from every process.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import logging
 import numpy as np
 import torch
 
-from . import comfy_env, common
+from . import comfy_env, common, distributed
 
 
 def stage_of(step: int, total: int, shares: tuple[float, float, float]) -> int:
@@ -39,6 +43,52 @@ def stage_of(step: int, total: int, shares: tuple[float, float, float]) -> int:
         if step < bound:
             return stage
     return 3 if shares[2] > 0 else 2
+
+
+class StageLoss(torch.nn.Module):
+    """One step's loss of a stage as the forward of a module holding the composer: what
+    DistributedDataParallel synchronises (the composer is called through several methods, never
+    its own forward). Returns (loss, {part: value})."""
+
+    def __init__(self, composer, algo, schedule, encode_latents, args):
+        super().__init__()
+        self.composer = composer
+        self.algo, self.schedule, self.encode_latents, self.args = algo, schedule, encode_latents, args
+
+    def icm(self, name: str, condition, embedding, tau):
+        """Eq. 12 over the pairs of every process (each process's rows keep their gradient)."""
+        condition, embedding = distributed.gather(condition), distributed.gather(embedding)
+        distributed.note_logits(name, (condition.shape[0], embedding.shape[0]))
+        return self.algo.icm_loss(condition, embedding, tau)
+
+    def forward(self, stage: int, reference, target, tokens):
+        composer, algo, schedule, args = self.composer, self.algo, self.schedule, self.args
+        condition, context = composer.condition(reference, tokens)
+        parts = {}
+        if stage == 1:
+            loss = self.icm("icm", condition, composer.target_embedding(target), composer.tau())
+            parts["icm"] = loss.item()
+        elif stage == 2:
+            x0, ref_latent = self.encode_latents(target), self.encode_latents(reference)
+            t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
+            noise = torch.randn_like(x0)
+            xt = schedule.q_sample(x0, t, noise)
+            dropped = algo.drop_condition(condition, args.cond_drop)
+            cdd = algo.hybrid_loss(schedule, x0, xt, t, noise, composer.denoise(xt, t, ref_latent, dropped, context),
+                                   gamma=args.gamma)
+            loss = cdd["loss"]
+            parts.update(mse=cdd["mse"].item(), vlb=cdd["vlb"].item())
+            if args.delta > 0:
+                icm = self.icm("icm", condition, composer.target_embedding(target), composer.tau())
+                loss = loss + args.delta * icm
+                parts["icm"] = icm.item()
+        else:
+            x0 = self.encode_latents(target)
+            t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
+            xt = schedule.q_sample(x0, t, torch.randn_like(x0))
+            loss = self.icm("nicm", condition.detach(), composer.noisy_embedding(xt), composer.noisy_tau())
+            parts["nicm"] = loss.item()
+        return loss, parts
 
 
 def main(argv=None):
@@ -87,7 +137,8 @@ def main(argv=None):
     composer = composer.to(run.device).train()
     schedule = algo.Schedule(algo.scaled_linear_betas(1000))
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.CLIP_TEXT_CFG["context_length"])
-    rng = np.random.default_rng(args.seed)
+    run.seed_data()
+    rng = np.random.default_rng(run.data_seed)
 
     @torch.no_grad()
     def encode_latents(images_bchw):
@@ -119,38 +170,23 @@ def main(argv=None):
             param.requires_grad_(id(param) in trained)
         return torch.optim.AdamW(groups, weight_decay=0.01) if groups else None
 
-    stage, opt, stage_losses = 0, None, {1: [], 2: [], 3: []}
+    def save():
+        run.save(lambda: models.save_weights(composer.state_dict(), run.out / composer_mod.COMPOSER_FILE),
+                 run.out / composer_mod.COMPOSER_FILE)
+
+    stage_loss = StageLoss(composer, algo, schedule, encode_latents, args)
+    stage, opt, step_loss, stage_losses = 0, None, None, {1: [], 2: [], 3: []}
     while not run.done():
         current = stage_of(run.step, args.steps, shares)
         if current != stage:
+            step_loss = None  # the last stage's DDP (and its gradient hooks) go first
             stage, opt = current, optimiser(current)
-            print(f"[composer] stage {stage} from step {run.step}", flush=True)
+            # DDP takes the parameters that train in this stage (requires_grad, set by optimiser());
+            # some of them sit out a stage's loss (the patch projection in stage 1)
+            step_loss = distributed.wrap(stage_loss, find_unused_parameters=True) if opt is not None else stage_loss
+            run.print(f"[composer] stage {stage} from step {run.step}")
         reference, target, tokens = batch()
-        condition, context = composer.condition(reference, tokens)
-        parts = {}
-        if stage == 1:
-            loss = algo.icm_loss(condition, composer.target_embedding(target), composer.tau())
-            parts["icm"] = loss.item()
-        elif stage == 2:
-            x0, ref_latent = encode_latents(target), encode_latents(reference)
-            t = torch.randint(0, schedule.timesteps, (args.batch,), device=run.device)
-            noise = torch.randn_like(x0)
-            xt = schedule.q_sample(x0, t, noise)
-            dropped = algo.drop_condition(condition, args.cond_drop)
-            cdd = algo.hybrid_loss(schedule, x0, xt, t, noise, composer.denoise(xt, t, ref_latent, dropped, context),
-                                   gamma=args.gamma)
-            loss = cdd["loss"]
-            parts.update(mse=cdd["mse"].item(), vlb=cdd["vlb"].item())
-            if args.delta > 0:
-                icm = algo.icm_loss(condition, composer.target_embedding(target), composer.tau())
-                loss = loss + args.delta * icm
-                parts["icm"] = icm.item()
-        else:
-            x0 = encode_latents(target)
-            t = torch.randint(0, schedule.timesteps, (args.batch,), device=run.device)
-            xt = schedule.q_sample(x0, t, torch.randn_like(x0))
-            loss = algo.icm_loss(condition.detach(), composer.noisy_embedding(xt), composer.noisy_tau())
-            parts["nicm"] = loss.item()
+        loss, parts = step_loss(stage, reference, target, tokens)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,9 +195,13 @@ def main(argv=None):
         stage_losses[stage].append(loss.item())
         run.log(loss.item(), stage=stage, **parts)
         if run.should_save():
-            models.save_weights(composer.state_dict(), run.out / composer_mod.COMPOSER_FILE)
+            save()
 
-    models.save_weights(composer.state_dict(), run.out / composer_mod.COMPOSER_FILE)
+    run.end_training(composer)
+    save()
+    if not run.is_main:
+        run.finish()
+        return None
     rec = run.record(composer_mod.COMPOSER_FILE, scale_factor=scale, dim=args.dim, eta=args.eta, delta=args.delta,
                      gamma=args.gamma, cond_drop=args.cond_drop, no_icm=args.no_icm, stage_shares=list(shares),
                      base=args.base, trained_from=have, turns=args.turns,
@@ -170,6 +210,7 @@ def main(argv=None):
                      validation="none: fixed steps on fresh episodes (the paper's restore-and-halve schedule needs epochs)")
     print(f"[composer] done: {run.step} steps in {run.elapsed() / 60:.1f} min; final loss {rec['final_loss']:.4f}; "
           f"weights {run.out / composer_mod.COMPOSER_FILE}", flush=True)
+    run.finish()
     return rec
 
 

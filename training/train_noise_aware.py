@@ -3,10 +3,13 @@
 stem) learns to embed noised VAE latents as the frozen tower embeds the clean scenes. No captions.
 
     python -m training.train_noise_aware --minutes 20 --out models/shapes_world
+    torchrun --standalone --nproc_per_node 4 -m training.train_noise_aware --batch 64 ...  # 4 GPUs: loss over 256
 
 The algorithm (encoder, loss, optimiser) is nodes/algorithms/sdg.py, shared with the
 MC_TrainNoiseAwareEncoder node. Scenes come from a pool re-rendered and re-encoded every
 --pool-refresh steps (the VAE encode is the expensive part on a CPU); the noise is fresh every step.
+Under torchrun each process renders its own scenes (its own seed) and the contrastive loss is over
+the embeddings gathered from every process (the paper's batch of 256 = 4 GPUs x 64).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-from . import comfy_env, common
+from . import comfy_env, common, distributed
 
 WEIGHTS_FILE = "noise_aware.safetensors"
 
@@ -75,6 +78,34 @@ class LatentPool:
         if with_images:
             return self.clean[index], self.latents[index], self.images[index].float() / 255
         return self.clean[index], self.latents[index]
+
+
+class GatheredEmbedding(torch.nn.Module):
+    """The encoder as sdg.training_step calls it, under torchrun: DDP around the encoder (its
+    gradients averaged), the embedding of every process's batch gathered (differentiable) so the
+    contrastive loss sees the whole batch."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = distributed.wrap(encoder)
+
+    def forward(self, latent_input, sigma):
+        embedding, maps = self.encoder(latent_input, sigma)
+        embedding = distributed.gather(embedding)
+        # sdg.contrastive_loss's logits: every gathered embedding against every gathered clean one
+        distributed.note_logits("noise_aware", (embedding.shape[0], embedding.shape[0]))
+        return embedding, maps
+
+
+class SyncedStem:
+    """What sdg.stem_warmup_step reads of the encoder, with the latent stem in DDP (its gradients
+    averaged across processes): the warm-up regresses the stem alone."""
+
+    def __init__(self, encoder):
+        self.encoder, self.stem = encoder, distributed.wrap(encoder.stem)
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
 
 
 @torch.no_grad()
@@ -141,27 +172,29 @@ def main(argv=None):
     encoder = encoder.to(run.device).requires_grad_(True)
     optimizer = sdg.make_optimizer(encoder, lr=args.lr, weight_decay=args.weight_decay,
                                    new_parts_lr_factor=args.new_parts_lr_factor)
-    rng = np.random.default_rng(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(run.data_seed)
+    generator = torch.Generator().manual_seed(run.data_seed)
     pool = LatentPool(world, mc_clip, vae, model, args.pool, rng)
     table = sampling.sigmas
 
     def save():
-        sdg.save_encoder(encoder, record, run.out / WEIGHTS_FILE, fp16=True)
+        run.save(lambda: sdg.save_encoder(encoder, record, run.out / WEIGHTS_FILE, fp16=True), run.out / WEIGHTS_FILE)
 
     resumed = bool(run.step_offset)
     if args.stem_warmup and not resumed:
         stem_optimizer = torch.optim.AdamW(encoder.stem.parameters(), lr=args.stem_lr, weight_decay=0.0)
         visual = mc_clip.model.visual
+        warmed = SyncedStem(encoder) if run.dist.enabled else encoder
         for i in range(args.stem_warmup):
             _, latents, images = pool.batch(args.batch, generator, with_images=True)
             with torch.no_grad():
                 target = sdg.pixel_stem_features(visual, mc_clip.preprocess(images))
             sigma0 = float(table[0])
             clean_input = sampling.calculate_input(torch.full((latents.shape[0],), sigma0), latents).to(run.device)
-            stem_loss = sdg.stem_warmup_step(encoder, stem_optimizer, clean_input, target.to(run.device), sigma0)
+            stem_loss = sdg.stem_warmup_step(warmed, stem_optimizer, clean_input, target.to(run.device), sigma0)
             if i % 50 == 0 or i == args.stem_warmup - 1:
-                print(f"[noise_aware] stem warm-up {i + 1}/{args.stem_warmup}: normalised MSE {stem_loss:.4f}", flush=True)
+                run.print(f"[noise_aware] stem warm-up {i + 1}/{args.stem_warmup}: normalised MSE {stem_loss:.4f}")
+        del warmed  # its DDP's gradient hooks go with it, before the fine-tune's
         run.extra["stem_warmup"] = {"steps": args.stem_warmup, "final_normalised_mse": round(stem_loss, 5), "lr": args.stem_lr}
 
     # --minutes budgets the fine-tune itself: encoding the pool and the warm-up come first (on a
@@ -170,13 +203,14 @@ def main(argv=None):
 
     run.extra["setup_seconds"] = round(run.elapsed(), 1)
     run.start = time.time()
+    stepped = GatheredEmbedding(encoder) if run.dist.enabled else encoder
     while not run.done():
         clean, latents = pool.batch(args.batch, generator)
         sigmas = sdg.sample_sigmas(args.batch, table, float(sampling.sigma_min), float(sampling.sigma_max), generator)
         noise = torch.randn(latents.shape, generator=generator)
         latents, sigmas, noise = latents.to(run.device), sigmas.to(run.device), noise.to(run.device)
         noisy_input = sampling.calculate_input(sigmas, sampling.noise_scaling(sigmas, noise, latents))
-        loss = sdg.training_step(encoder, optimizer, noisy_input, sigmas, clean.to(run.device))
+        loss = sdg.training_step(stepped, optimizer, noisy_input, sigmas, distributed.gather(clean.to(run.device)))
         run.log(loss)
         if run.step % args.pool_refresh == 0:
             slice_size = max(1, args.pool // 16)
@@ -185,18 +219,25 @@ def main(argv=None):
         if run.should_save():
             save()
 
+    run.end_training(encoder)
     save()
+    if not run.is_main:
+        run.finish()
+        return None
     encoder.requires_grad_(False)
     metrics = evaluate(sdg, encoder, world, mc_clip, vae, model, sampling, args.eval_scenes, run.device, seed=args.seed)
+    n = args.batch * run.dist.world_size
     rec = run.record(WEIGHTS_FILE, heldout=metrics, weight_decay=args.weight_decay, pool=args.pool,
                      vae_record=models.read_record(models.WEIGHTS_DIR / models.VAE_FILE).get("finished_utc"),
                      encoder_record=sdg.encoder_metadata(record),
-                     final_loss_definition=f"symmetric cross-entropy (both directions summed) over a batch of {args.batch}, "
-                                           f"logit scale {sdg.LOGIT_SCALE:g} (chance = 2 ln {args.batch} = {2 * np.log(args.batch):.3f})",
+                     final_loss_definition=f"symmetric cross-entropy (both directions summed) over a batch of {n}"
+                                           + (f" gathered from {run.dist.world_size} processes" if run.dist.enabled else "")
+                                           + f", logit scale {sdg.LOGIT_SCALE:g} (chance = 2 ln {n} = {2 * np.log(n):.3f})",
                      stored_dtype="float16")
     print(f"[noise_aware] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.4f}; "
           + ", ".join(f"{k}: cos {v['cosine_with_clean_clip']:.3f} top-1 {v['top1_among_n']:.3f}" for k, v in metrics.items()
                       if isinstance(v, dict)), flush=True)
+    run.finish()
     return rec
 
 

@@ -21,6 +21,8 @@ warning, which is only useful for testing the command).
     python -m training.train_unet --minutes 90 --out models/shapes_world
     python -m training.train_unet --dataset /dev/shm/shapes --train-text-encoder --batch 256 \
         --lr-schedule cosine --min-snr 5 --minutes 8 --out models/shapes_world   # on a GPU
+    torchrun --standalone --nproc_per_node 8 -m training.train_unet --dataset /dev/shm/shapes \
+        --train-text-encoder --batch 64 ...   # 8 GPUs, global batch 512 (each encodes its shard)
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import logging
 import numpy as np
 import torch
 
-from . import comfy_env, common, make_dataset
+from . import comfy_env, common, distributed, make_dataset
 
 
 class LatentBuffer:
@@ -144,7 +146,7 @@ def main(argv=None):
     text_file = run.out / models.TEXT_ENCODER_FILE
     if args.train_text_encoder and args.resume and text_file.exists():
         oc.load_state_dict(models.load_weights(text_file), strict=False)
-        print(f"[unet] text tower resumed from {text_file}", flush=True)
+        run.print(f"[unet] text tower resumed from {text_file}")
     elif not args.train_text_encoder and (src / models.TEXT_ENCODER_FILE).exists():
         oc.load_state_dict(models.load_weights(src / models.TEXT_ENCODER_FILE), strict=False)
     clip = models.build_comfy_clip(oc)
@@ -157,8 +159,11 @@ def main(argv=None):
     if run.resume_from(models.UNET_FILE):  # continues from the saved (EMA) weights
         base.diffusion_model.load_state_dict(models.load_weights(run.out / models.UNET_FILE))
     unet = base.diffusion_model.to(run.device).train()
+    denoiser = distributed.wrap(unet)
+    text_encoder = distributed.wrap(text_tower) if args.train_text_encoder else text_tower
     trained = list(unet.parameters()) + (list(text_tower.parameters()) if args.train_text_encoder else [])
-    ema = EMAModel(trained, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+    # the EMA is what rank 0 saves; the other processes keep none
+    ema = EMAModel(trained, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4) if run.is_main else None
     groups = [{"params": list(unet.parameters()), "lr": args.lr, "weight_decay": 0.01}]
     if args.train_text_encoder:  # no decay: unused token rows must keep their values
         groups.append({"params": list(text_tower.parameters()), "lr": args.lr * args.text_lr_scale, "weight_decay": 0.0})
@@ -171,7 +176,8 @@ def main(argv=None):
     ours = ((1 - noise_sched.alphas_cumprod) / noise_sched.alphas_cumprod).sqrt().float()
     assert torch.allclose(ours, comfy_sigmas, rtol=1e-4), "noise schedule differs from ComfyUI's"
 
-    rng = np.random.default_rng(args.seed)
+    run.seed_data()
+    rng = np.random.default_rng(run.data_seed)
     pool = LatentBuffer(args.pool, run.device)
 
     @torch.no_grad()
@@ -184,20 +190,21 @@ def main(argv=None):
         pool.add(encode_latents(x).cpu(), torch.from_numpy(tokenize(captions).astype("int64")) if args.train_text_encoder
                  else encode_text(clip, captions).to(torch.float16).cpu(), captions)
 
-    if args.dataset:  # the whole pre-rendered set, encoded once, kept on the device
-        scenes = common.SceneSet(args.dataset)
+    if args.dataset:  # the whole pre-rendered set (this process's shard under torchrun), encoded once, kept on the device
+        scenes = common.open_scene_set(args.dataset)
+        shard = np.sort(scenes.index)
         chunks = []
-        for i in range(0, len(scenes), 512):
-            x = torch.from_numpy(np.ascontiguousarray(scenes.images[i:i + 512])).float().div(255).permute(0, 3, 1, 2)
+        for i in range(0, len(shard), 512):
+            x = torch.from_numpy(np.ascontiguousarray(scenes.images[shard[i:i + 512]])).float().div(255).permute(0, 3, 1, 2)
             with common.autocast(run.device, args.amp):
                 chunks.append(encode_latents(x).float().to(torch.float16))
         all_latents = torch.cat(chunks)
-        all_tokens = torch.from_numpy(scenes.tokens.astype("int64")).to(run.device)
-        print(f"[unet] {len(scenes)} pre-rendered scenes encoded, latent std {all_latents.float().std():.3f}", flush=True)
+        all_tokens = torch.from_numpy(scenes.tokens[shard].astype("int64")).to(run.device)
+        run.print(f"[unet] {len(shard)} pre-rendered scenes encoded, latent std {all_latents.float().std():.3f}")
     else:
         for i in range(0, args.initial, 32):
             add_scenes(min(32, args.initial - i))
-    print(f"[unet] latent scale factor {scale:.4f}, {len(pool) or len(all_latents)} scenes to start", flush=True)
+    run.print(f"[unet] latent scale factor {scale:.4f}, {len(pool) or len(all_latents)} scenes to start")
 
     def draw_batch():
         """(z0, context or token ids) for one step."""
@@ -215,11 +222,14 @@ def main(argv=None):
         ema.restore(trained)
         return unet_sd, text_sd
 
-    def save():
+    def write():
         unet_sd, text_sd = ema_state_dicts()
         models.save_weights(unet_sd, run.out / models.UNET_FILE, fp16=True)
         if args.train_text_encoder:
             models.save_weights(text_sd, run.out / models.TEXT_ENCODER_FILE, fp16=True)
+
+    def save():
+        run.save(write, run.out / models.UNET_FILE, *([run.out / models.TEXT_ENCODER_FILE] if args.train_text_encoder else []))
 
     while not run.done():
         z0, cond = draw_batch()
@@ -229,10 +239,10 @@ def main(argv=None):
         zt = noise_sched.add_noise(z0, noise, t)
         with common.autocast(run.device, args.amp):
             if args.train_text_encoder:
-                ctx = text_tower(torch.where(drop[:, None], empty_tokens, cond))
+                ctx = text_encoder(torch.where(drop[:, None], empty_tokens, cond))
             else:
                 ctx = torch.where(drop[:, None, None], empty.to(run.device)[None], cond.float())
-            pred = unet(zt, timesteps=t.float(), context=ctx, transformer_options={})
+            pred = denoiser(zt, timesteps=t.float(), context=ctx, transformer_options={})
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(noise_sched.alphas_cumprod, t, args.min_snr)).mean()
         opt.zero_grad(set_to_none=True)
@@ -240,18 +250,23 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         lr_sched.step()
-        ema.step(trained)
+        if ema is not None:
+            ema.step(trained)
         run.log(per_sample.mean().item(), weighted=loss.item(), lr=lr_sched.get_last_lr()[0])
         if run.should_save():
             save()
 
+    run.end_training(unet, text_tower)
     save()
+    if not run.is_main:
+        run.finish()
+        return None
     if args.train_text_encoder:  # sample with the text tower just trained (its EMA weights)
         oc.load_state_dict(models.load_weights(run.out / models.TEXT_ENCODER_FILE), strict=False)
     samples = sample_grid(models, world, run, scale, oc, ae, args) if args.sample_prompts > 0 else {}
-    seen = run.step * args.batch
+    seen = run.step * args.batch * run.dist.world_size
     rec = run.record(models.UNET_FILE, scale_factor=scale, cond_drop=args.cond_drop, ema_decay=args.ema_decay,
-                     scenes_seen=len(pool) + pool.next if not args.dataset else len(all_latents),
+                     scenes_seen=(len(pool) + pool.next if not args.dataset else len(all_latents)) * run.dist.world_size,
                      samples_seen=seen, vae_trained=have["vae"], clip_trained=have["clip"],
                      text_encoder=(models.TEXT_ENCODER_FILE + " (trained jointly)") if args.train_text_encoder
                      else "dual encoder's text tower (frozen)", min_snr_gamma=args.min_snr,
@@ -261,6 +276,7 @@ def main(argv=None):
                      **samples)
     print(f"[unet] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.5f}",
           flush=True)
+    run.finish()
     return rec
 
 

@@ -118,9 +118,10 @@ def main(argv=None):
         if run.should_save():
             save()
 
+    run.end_training(model)
     save()
     if not run.is_main:
-        run.finish(model)
+        run.finish()
         return None
     ev = evaluate(model, world, run.device, eval_seeds)
     scale = 1.0 / max(ev["latent_std"], 1e-6)
@@ -132,7 +133,7 @@ def main(argv=None):
                      samples="vae_samples.png (top: held-out inputs, bottom: reconstructions)")
     print(f"[vae] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.5f}, "
           f"held-out PSNR {ev['psnr']:.2f} dB, scale factor {scale:.4f}", flush=True)
-    run.finish(model)
+    run.finish()
     return rec
 
 
