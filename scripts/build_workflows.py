@@ -35,6 +35,10 @@ PACK_DIR = SCRIPTS.parent
 WORKFLOWS = PACK_DIR / "workflows"
 SOURCES = WORKFLOWS / "src"
 THUMBNAIL_MIN_SIDE = 256
+# Workflows that load real model files by name: the build links random-weight files under those names
+# (scripts/dit_test_models.py) and their thumbnails say so.
+MODEL_FILES = {"segfree_sd3": "sd3", "segfree_flux": "flux"}
+RANDOM_WEIGHTS_CAPTION = "random weights: not a trained model"
 
 
 def log(msg: str) -> None:
@@ -60,14 +64,21 @@ def same_graph(a: dict, b: dict) -> list[str]:
     return diffs
 
 
-def save_jpeg(png_bytes: bytes, path: pathlib.Path) -> None:
-    from PIL import Image
+def save_jpeg(png_bytes: bytes, path: pathlib.Path, caption: str | None = None) -> None:
+    from PIL import Image, ImageDraw
 
     image = Image.open(io.BytesIO(png_bytes)).convert("RGB")
     short = min(image.size)
     if short < THUMBNAIL_MIN_SIDE:  # the demo models make 128x128 images; the templates browser shows ~300 px
         factor = THUMBNAIL_MIN_SIDE / short
         image = image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)
+    if caption:  # a band under the image, so the words never sit on (or get lost in) the picture
+        band = 28
+        framed = Image.new("RGB", (image.width, image.height + band), (0, 0, 0))
+        framed.paste(image, (0, 0))
+        draw = ImageDraw.Draw(framed)
+        draw.text((8, image.height + 8), caption, fill=(255, 255, 255))
+        image = framed
     image.save(path, "JPEG", quality=90)
 
 
@@ -97,7 +108,7 @@ def build(page: ComfyPage, server: ComfyServer, src: pathlib.Path, thumbnails: b
     # the saved image of the lowest node id: the same choice however the server ordered its outputs
     images = sorted(server.output_images(entry), key=lambda i: (int(i[0]) if str(i[0]).isdigit() else 1e9, i[1]["filename"]))
     if images:
-        save_jpeg(images[0][2], thumb)
+        save_jpeg(images[0][2], thumb, caption=RANDOM_WEIGHTS_CAPTION if name in MODEL_FILES else None)
         log(f"{thumb.relative_to(PACK_DIR)}: first output image of node {images[0][0]} ({time.time() - t0:.1f} s)")
     else:
         page.load_workflow(ui, name)
@@ -143,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         raise SystemExit(f"nothing to build in {SOURCES}")
     base = make_base_directory(CACHE / "build-base")
+    kinds = tuple(MODEL_FILES[s.name[: -len(".api.json")]] for s in sources if s.name[: -len(".api.json")] in MODEL_FILES)
+    if kinds:
+        import dit_test_models
+
+        dit_test_models.install(base / "models", kinds)
     with ComfyServer(base, base / "comfyui.log") as server:
         log(f"ComfyUI {server.url} (pid {server.pid}); log {server.log_path}")
         with ComfyPage(server.url) as page:

@@ -18,7 +18,11 @@ import comfy_harness
 
 WORKFLOWS = comfy_harness.PACK_DIR / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
-SIZE_SOURCES = ("EmptyLatentImage", "EmptyImage")
+SIZE_SOURCES = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyImage")
+LATENT_SOURCES = ("EmptyLatentImage", "EmptySD3LatentImage")
+# Workflows that load models by file name: their random-weight files (scripts/dit_test_models.py)
+# are linked into the server's models folder before they run.
+MODEL_FILES = {"segfree_sd3": "sd3", "segfree_flux": "flux"}
 
 
 # Nodes whose output image/latent has the size of one input: (class, that input).
@@ -47,7 +51,7 @@ def expected_size(api: dict, node_id: str) -> tuple[int, int, int] | None:
     w, h, batch = (source["inputs"].get(k) for k in ("width", "height", "batch_size"))
     if not all(isinstance(v, int) for v in (w, h, batch)):
         return None
-    return (w // 8 * 8, h // 8 * 8, batch) if source["class_type"] == "EmptyLatentImage" else (w, h, batch)
+    return (w // 8 * 8, h // 8 * 8, batch) if source["class_type"] in LATENT_SOURCES else (w, h, batch)
 
 
 def test_workflows_folder_is_complete():
@@ -64,6 +68,10 @@ def test_workflows_folder_is_complete():
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
 def test_workflow_runs_in_the_server(path: pathlib.Path, run_workflow_file, comfy_server, artifacts, say):
+    if path.stem in MODEL_FILES:
+        import dit_test_models  # scripts/
+
+        dit_test_models.install(comfy_server.base / "models", (MODEL_FILES[path.stem],))
     t0 = time.time()
     api, entry, images = run_workflow_file(path)
     assert entry["status"]["status_str"] == "success"
