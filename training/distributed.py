@@ -150,6 +150,12 @@ def note_logits(name: str, shape):
     _check["logits"][name] = [int(n) for n in shape]
 
 
+def note_batch(x: torch.Tensor):
+    """The sha256 of this process's first training batch (the check that the ranks' data differ)."""
+    if os.environ.get("MC_DIST_CHECK") and "first_batch_sha256" not in _check:
+        _check["first_batch_sha256"] = hashlib.sha256(x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def note_write(path):
     _check["writes"].append(str(path))
 

@@ -67,6 +67,7 @@ def main(argv=None):
         x, captions = common.scene_batches(world, rng, args.batch, scenes)
         pixels = wrapper.preprocess(x.permute(0, 2, 3, 1))
         tokens = wrapper.tokenize(captions).to(run.device)
+        distributed.note_batch(pixels)
         with common.autocast(run.device, args.amp):
             fi, ft, logit_scale = trained(pixels, tokens)
         loss = loss_fn(fi.float(), ft.float(), logit_scale.float())

@@ -186,6 +186,7 @@ def main(argv=None):
             step_loss = distributed.wrap(stage_loss, find_unused_parameters=True) if opt is not None else stage_loss
             run.print(f"[composer] stage {stage} from step {run.step}")
         reference, target, tokens = batch()
+        distributed.note_batch(target)
         loss, parts = step_loss(stage, reference, target, tokens)
         if opt is not None:
             opt.zero_grad(set_to_none=True)

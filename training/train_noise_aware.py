@@ -206,6 +206,7 @@ def main(argv=None):
     stepped = GatheredEmbedding(encoder) if run.dist.enabled else encoder
     while not run.done():
         clean, latents = pool.batch(args.batch, generator)
+        distributed.note_batch(latents)
         sigmas = sdg.sample_sigmas(args.batch, table, float(sampling.sigma_min), float(sampling.sigma_max), generator)
         noise = torch.randn(latents.shape, generator=generator)
         latents, sigmas, noise = latents.to(run.device), sigmas.to(run.device), noise.to(run.device)

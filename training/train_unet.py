@@ -233,6 +233,7 @@ def main(argv=None):
 
     while not run.done():
         z0, cond = draw_batch()
+        distributed.note_batch(z0)
         drop = torch.from_numpy(rng.random(args.batch) < args.cond_drop).to(run.device)
         noise = torch.randn_like(z0)
         t = torch.randint(0, 1000, (args.batch,), device=run.device)

@@ -102,6 +102,7 @@ def main(argv=None):
             i, j = rng.integers(0, 128 - args.crop + 1, size=2)
             x = x[:, :, i:i + args.crop, j:j + args.crop]
         x = x.to(run.device, non_blocking=True) * 2 - 1
+        distributed.note_batch(x)
         with common.autocast(run.device, args.amp):
             mean, logvar, rec = reconstruction(x)
         mean, logvar, rec = mean.float(), logvar.float(), rec.float()

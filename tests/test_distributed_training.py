@@ -1,0 +1,70 @@
+"""Every training command under torchrun with two processes on the CPU (gloo), a few tiny steps, as a
+user launches it on a multi-GPU machine:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m training.train_X --tiny ...
+
+MC_DIST_CHECK makes each rank write what it ended with (training/distributed.py): the sha256 of its
+trained parameters after the last optimiser step, the sha256 of its first batch, the logits shapes of
+its contrastive losses and the files it wrote. Both ranks must end with the same weights from
+different data (DDP averaged the gradients), the contrastive logits must span the batch gathered from
+both processes, and only rank 0 writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import comfy_harness
+
+# module, extra arguments, files rank 0 writes, contrastive losses (name in the check file)
+TRAINERS = {
+    "vae": ("training.train_vae", ["--steps", "2"], ["vae.safetensors", "vae.json"], []),
+    "clip": ("training.train_clip", [], ["clip.safetensors", "clip.json"], ["clip"]),
+    "unet": ("training.train_unet", ["--train-text-encoder", "--sample-prompts", "0"],
+             ["unet.safetensors", "text_encoder.safetensors", "unet.json"], []),
+    "noise_aware": ("training.train_noise_aware", [], ["noise_aware.safetensors", "noise_aware.json"], ["noise_aware"]),
+    "composer": ("training.train_composer", ["--base", "random"], ["composer.safetensors", "composer.json"], ["icm", "nicm"]),
+}
+
+
+def launch(module: str, out, *extra, processes: int = 2):
+    env = dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR), MC_DIST_CHECK=str(out / "check"),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", module, "--tiny", "--out", str(out), "--threads", "1", *extra]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ranks = [json.loads((out / "check" / f"rank{r}.json").read_text()) for r in range(processes)]
+    return proc.stdout, ranks
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_two_processes_end_with_the_same_weights(name, tmp_path):
+    module, extra, written, contrastive = TRAINERS[name]
+    out = tmp_path / "out"
+    stdout, (rank0, rank1) = launch(module, out, *extra)
+    assert rank0["world_size"] == rank1["world_size"] == 2 and rank0["steps"] == rank1["steps"] >= 2
+    # the data is split (each rank drew its own batch), the weights are one (DDP averaged the gradients)
+    assert rank0["first_batch_sha256"] != rank1["first_batch_sha256"]
+    assert rank0["parameters_sha256"] == rank1["parameters_sha256"]
+    # contrastive losses over the batch gathered from both processes: N x N logits, N = 2 x the per-rank batch
+    gathered = 2 * rank0["batch_per_process"]
+    for rank in (rank0, rank1):
+        assert rank["logits"] == {loss: [gathered, gathered] for loss in contrastive}
+    # rank 0 alone writes, each file once (no periodic save in a tiny run), and prints
+    assert rank1["writes"] == []
+    assert sorted(os.path.basename(p) for p in rank0["writes"]) == sorted(written)
+    assert stdout.count(f"[{name}] step 1/") == 1 and stdout.count(f"[{name}] done") == 1
+    record = json.loads((out / written[-1]).read_text())
+    assert record["processes"] == 2 and record["global_batch"] == gathered
+
+
+def test_a_minutes_budget_stops_every_process_at_the_same_step(tmp_path):
+    """--minutes: rank 0's clock decides each step (broadcast); without it the ranks stop at
+    different steps and the one still training waits for the other's gradients forever."""
+    out = tmp_path / "out"
+    stdout, (rank0, rank1) = launch("training.train_vae", out, "--steps", "100000", "--minutes", "0.15")
+    assert 1 <= rank0["steps"] == rank1["steps"] < 100000
+    assert rank0["parameters_sha256"] == rank1["parameters_sha256"]
+    assert json.loads((out / "vae.json").read_text())["steps"] == rank0["steps"]
