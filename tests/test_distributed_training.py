@@ -28,11 +28,11 @@ TRAINERS = {
 }
 
 
-def launch(module: str, out, *extra, processes: int = 2):
+def launch(module: str, out, *extra, processes: int = 2, script=None):
     env = dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR), MC_DIST_CHECK=str(out / "check"),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", module, "--tiny", "--out", str(out), "--threads", "1", *extra]
+           *([str(script)] if script else ["-m", module]), "--tiny", "--out", str(out), "--threads", "1", *extra]
     proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ranks = [json.loads((out / "check" / f"rank{r}.json").read_text()) for r in range(processes)]
@@ -60,11 +60,28 @@ def test_two_processes_end_with_the_same_weights(name, tmp_path):
     assert record["processes"] == 2 and record["global_batch"] == gathered
 
 
+# train_vae with rank 1's clock running twice as fast as rank 0's (a slower or busier machine), and a
+# short collective timeout so that ranks left waiting fail in seconds, not gloo's 30 minutes
+SKEWED_CLOCK = """
+import datetime, os, sys, time, types
+sys.path.insert(0, {pack!r})
+import torch.distributed as dist
+from training import common, train_vae
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+if os.environ["RANK"] == "1":
+    t0 = time.time()
+    common.time = types.SimpleNamespace(time=lambda: t0 + 2 * (time.time() - t0))
+train_vae.main(sys.argv[1:])
+"""
+
+
 def test_a_minutes_budget_stops_every_process_at_the_same_step(tmp_path):
-    """--minutes: rank 0's clock decides each step (broadcast); without it the ranks stop at
-    different steps and the one still training waits for the other's gradients forever."""
+    """--minutes: rank 0's clock decides each step (broadcast), even where the ranks' clocks disagree;
+    without it the ranks stop at different steps and the one still training waits for the others."""
     out = tmp_path / "out"
-    stdout, (rank0, rank1) = launch("training.train_vae", out, "--steps", "100000", "--minutes", "0.15")
-    assert 1 <= rank0["steps"] == rank1["steps"] < 100000
+    script = tmp_path / "skewed_clock.py"
+    script.write_text(SKEWED_CLOCK.format(pack=str(comfy_harness.PACK_DIR)))
+    stdout, (rank0, rank1) = launch("training.train_vae", out, "--steps", "99999", "--minutes", "0.15", script=script)
+    assert 1 <= rank0["steps"] == rank1["steps"] < 99999
     assert rank0["parameters_sha256"] == rank1["parameters_sha256"]
     assert json.loads((out / "vae.json").read_text())["steps"] == rank0["steps"]
