@@ -85,3 +85,54 @@ def test_a_minutes_budget_stops_every_process_at_the_same_step(tmp_path):
     assert 1 <= rank0["steps"] == rank1["steps"] < 99999
     assert rank0["parameters_sha256"] == rank1["parameters_sha256"]
     assert json.loads((out / "vae.json").read_text())["steps"] == rank0["steps"]
+
+
+# Two processes with 4 rows each against one process with all 8: the contrastive loss over the
+# gathered rows and DDP's averaged gradient must be the one-process loss and gradient of the whole batch
+# (torch.distributed.nn's all_gather sends each process's rows their gradient from every process's
+# loss; DDP divides by the number of processes).
+GATHERED_GRADIENT = """
+import json, os, sys
+sys.path.insert(0, {pack!r})
+import torch
+import torch.nn.functional as F
+from training import distributed
+
+ctx = distributed.init()
+torch.manual_seed(0)
+model, reference = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+reference.load_state_dict(model.state_dict())
+x, y = torch.randn(8, 6), torch.randn(8, 4)
+
+
+def loss_of(a, b):  # sdg.contrastive_loss / cdd_icm.icm_loss: symmetric cross-entropy, positives on the diagonal
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / 0.1
+    labels = torch.arange(len(a))
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+
+
+ddp = distributed.wrap(model)
+rows = slice(4 * ctx.rank, 4 * ctx.rank + 4)
+loss = loss_of(distributed.gather(ddp(x[rows])), distributed.gather(y[rows]))
+loss.backward()
+reference_loss = loss_of(reference(x), y)
+reference_loss.backward()
+out = {{"loss": loss.item(), "reference_loss": reference_loss.item(),
+        "grad_difference": max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())),
+        "grad_scale": max(q.grad.abs().max().item() for q in reference.parameters())}}
+open(os.path.join({out!r}, f"rank{{ctx.rank}}.json"), "w").write(json.dumps(out))
+distributed.finish()
+"""
+
+
+def test_gathered_contrastive_loss_is_the_whole_batch_loss(tmp_path):
+    script = tmp_path / "gathered_gradient.py"
+    script.write_text(GATHERED_GRADIENT.format(pack=str(comfy_harness.PACK_DIR), out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+        assert result["grad_difference"] <= 1e-5 * result["grad_scale"], result
