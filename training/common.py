@@ -122,12 +122,12 @@ class Run:
         self.step_offset = int(prev.get("total_steps", prev.get("steps", 0)))
         self.seconds_offset = float(prev.get("total_train_seconds", prev.get("train_seconds", 0.0)))
         self.previous_losses = [tuple(x) for x in history] if history else []
-        if not history and (self.out / f"{stem}_loss.png").exists():  # keep the earlier curve
+        if not history and (self.out / f"{stem}_loss.png").exists() and self.is_main:  # keep the earlier curve
             part = len(self.previous_runs)
             (self.out / f"{stem}_loss.png").rename(self.out / f"{stem}_loss_part{part}.png")
             if prev:
                 prev["loss_curve"] = f"{stem}_loss_part{part}.png"
-        print(f"[{self.name}] resuming after {self.step_offset} steps / {self.seconds_offset / 60:.1f} min", flush=True)
+        self.print(f"[{self.name}] resuming after {self.step_offset} steps / {self.seconds_offset / 60:.1f} min")
         return True
 
     def elapsed(self) -> float:
