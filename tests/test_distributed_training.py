@@ -21,7 +21,8 @@ import comfy_harness
 TRAINERS = {
     "vae": ("training.train_vae", ["--steps", "2"], ["vae.safetensors", "vae.json"], []),
     "clip": ("training.train_clip", [], ["clip.safetensors", "clip.json"], ["clip"]),
-    "unet": ("training.train_unet", ["--train-text-encoder", "--sample-prompts", "0"],
+    # the GPU recipe: a pre-rendered scene set (each process encodes and draws from its shard)
+    "unet": ("training.train_unet", ["--train-text-encoder", "--sample-prompts", "0", "--dataset", "SCENES"],
              ["unet.safetensors", "text_encoder.safetensors", "unet.json"], []),
     "noise_aware": ("training.train_noise_aware", [], ["noise_aware.safetensors", "noise_aware.json"], ["noise_aware"]),
     "composer": ("training.train_composer", ["--base", "random"], ["composer.safetensors", "composer.json"], ["icm", "nicm"]),
@@ -39,11 +40,29 @@ def launch(module: str, out, *extra, processes: int = 2, script=None):
     return proc.stdout, ranks
 
 
+SCENE_SET_SIZE = 11  # odd: the sampler pads one shard with a repeated scene
+
+
+@pytest.fixture(scope="module")
+def scene_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes")
+    cmd = [sys.executable, "-m", "training.make_dataset", "--n", str(SCENE_SET_SIZE), "--workers", "1", "--out", str(folder)]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return folder
+
+
 @pytest.mark.parametrize("name", list(TRAINERS))
-def test_two_processes_end_with_the_same_weights(name, tmp_path):
+def test_two_processes_end_with_the_same_weights(name, tmp_path, request):
     module, extra, written, contrastive = TRAINERS[name]
+    if "SCENES" in extra:
+        extra = [str(request.getfixturevalue("scene_set")) if a == "SCENES" else a for a in extra]
     out = tmp_path / "out"
     stdout, (rank0, rank1) = launch(module, out, *extra)
+    if "--dataset" in extra:  # DistributedSampler: disjoint shards (up to its padding) that cover the set
+        shards = set(rank0["shard"]), set(rank1["shard"])
+        assert len(rank0["shard"]) == len(rank1["shard"]) == (SCENE_SET_SIZE + 1) // 2
+        assert shards[0] | shards[1] == set(range(SCENE_SET_SIZE)) and len(shards[0] & shards[1]) <= 1
     assert rank0["world_size"] == rank1["world_size"] == 2 and rank0["steps"] == rank1["steps"] >= 2
     # the data is split (each rank drew its own batch), the weights are one (DDP averaged the gradients)
     assert rank0["first_batch_sha256"] != rank1["first_batch_sha256"]

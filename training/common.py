@@ -353,6 +353,7 @@ class SceneSet:
             from torch.utils.data import DistributedSampler
             sampler = DistributedSampler(self, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
             self.index = np.asarray(list(sampler))
+            distributed.note_shard(self.index)
         return self
 
     def batch(self, rng: np.random.Generator, n: int):

@@ -156,6 +156,12 @@ def note_batch(x: torch.Tensor):
         _check["first_batch_sha256"] = hashlib.sha256(x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def note_shard(indices):
+    """The scene-set rows this process draws from (the DistributedSampler's shard)."""
+    if os.environ.get("MC_DIST_CHECK"):
+        _check["shard"] = sorted(int(i) for i in indices)
+
+
 def note_write(path):
     _check["writes"].append(str(path))
 
