@@ -89,7 +89,9 @@ def data_seed(seed: int) -> int:
 
 def wrap(module: torch.nn.Module, **ddp_options) -> torch.nn.Module:
     """`module` in DistributedDataParallel when there are several processes, else itself. Call it
-    (never module.something) in the training step: DDP averages the gradients of its forward."""
+    (never module.something) in the training step: DDP averages the gradients of its forward. Keep
+    the returned object until backward has run: a DDP dropped after its forward takes its
+    gradient hooks with it, and the gradients silently stay per process."""
     ctx = context()
     if not ctx.enabled:
         return module
