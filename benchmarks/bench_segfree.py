@@ -9,13 +9,52 @@
 
 The paper claims "almost the same computational complexity" as CFG; the goal here is <= 1.10x.
 Two SFG rows: every step edited (start_percent 0, the worst case) and the default switch (0.4).
+
+Timing (CPUs here are shared and noisy): after a warm-up, each repeat times one plain-CFG run and
+one SFG run back to back, in alternating order (A B, B A, ...) so drift in the machine's load hits
+both alike. Reported: the median per-step time of each, their ratio (the same run's two medians),
+and the spread of the per-repeat ratios (median, quartiles, min-max): a median ratio whose
+quartiles straddle the goal is not a measurement of a cost.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import harness
+
+
+def quartiles(values):
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
+def compare_interleaved(label, baseline, patched, positive, negative, latent, steps, cfg, repeats) -> dict:
+    """Per-step time of plain CFG and SFG, same process, alternating order per repeat."""
+    import torch
+
+    for model in (baseline, patched):  # warm-up: weights loaded, kernels picked, caches filled
+        harness.sample_seconds(model, positive, negative, latent, 2, cfg)
+    base_times, patched_times, ratios = [], [], []
+    for r in range(repeats):
+        order = (baseline, patched) if r % 2 == 0 else (patched, baseline)
+        seconds = {id(m): harness.sample_seconds(m, positive, negative, latent, steps, cfg) / steps for m in order}
+        base_times.append(seconds[id(baseline)])
+        patched_times.append(seconds[id(patched)])
+        ratios.append(seconds[id(patched)] / seconds[id(baseline)])
+    base, mod = statistics.median(base_times), statistics.median(patched_times)
+    q1, q3 = quartiles(ratios)
+    result = {"label": label, "baseline_s_per_step": base, "patched_s_per_step": mod, "ratio": mod / base,
+              "pair_ratio_median": statistics.median(ratios), "pair_ratio_q1": q1, "pair_ratio_q3": q3,
+              "pair_ratio_min": min(ratios), "pair_ratio_max": max(ratios), "pair_ratios": ratios,
+              "baseline_it_s": 1.0 / base, "patched_it_s": 1.0 / mod, "steps": steps, "repeats": repeats,
+              "latent": tuple(latent.shape), "device": str(torch.device("cuda") if torch.cuda.is_available() else "cpu")}
+    print(f"{label:<48} CFG {base * 1000:8.2f} ms/step   SFG {mod * 1000:8.2f} ms/step   ratio {mod / base:5.3f}x   "
+          f"per-repeat ratios: median {result['pair_ratio_median']:5.3f}, quartiles {q1:5.3f}-{q3:5.3f}, "
+          f"range {min(ratios):5.3f}-{max(ratios):5.3f}   [{result['device']}, latent {tuple(latent.shape)}, "
+          f"{steps} steps, {repeats} interleaved repeats]", flush=True)
+    return result
 
 
 def sd15_full_size(dtype):
@@ -93,7 +132,7 @@ def main():
     parser.add_argument("--unet", choices=["tiny", "sd15", "tiny-sd3", "tiny-flux", "sd3", "flux"], default="tiny")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved CFG/SFG pairs per row (default 5; 15 on the tiny DiTs)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gpu", action="store_true", help="use the GPU if there is one")
     parser.add_argument("--json", help="also write the results to this file")
@@ -104,6 +143,8 @@ def main():
 
     glue = env.module("nodes.glue")
     dtype = torch.float16 if args.gpu and torch.cuda.is_available() else torch.float32
+    if args.repeats is None:
+        args.repeats = 15 if args.unet in ("tiny-sd3", "tiny-flux") else 5
     if args.unet in ("tiny-sd3", "tiny-flux", "sd3", "flux"):
         return dit_main(args, glue, torch)
     model = sd15_full_size(dtype) if args.unet == "sd15" else harness.tiny_models.tiny_model("sd15", seed=0)
@@ -142,8 +183,7 @@ def dit_main(args, glue, torch):
         settings = glue.SegfreeSettings(start_percent=start, single_blocks=single)
         patched = glue.apply_segfree_guidance(model, settings, "benchmark")
         label = f"SFG (start_percent {start}{', +single blocks' if single else ''}) vs CFG"
-        results.append(harness.compare_sampling(label, model, patched, positive, negative, latent, steps=args.steps, cfg=3.5,
-                                                repeats=args.repeats))
+        results.append(compare_interleaved(label, model, patched, positive, negative, latent, args.steps, 3.5, args.repeats))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
