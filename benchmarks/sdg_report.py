@@ -36,8 +36,9 @@ from measures import diversity, frechet_distance
 DOCS = harness.ROOT / "docs"
 REAL_SEED_START = 30_000  # the same real scenes as the shapes-world report's base-model retrieval
 
-DEFAULT_SWEEPS = {"text": [0, 50, 100, 200], "content": [0, 50, 100, 200], "structure": [0, 100, 300],
-                  "style": [0, 1000, 3000], "text+content": [0, 100]}
+DEFAULT_START = 0.6  # the workflows' start_percent: the shipped encoder reads only the low-noise latents
+DEFAULT_SWEEPS = {"text": [0, 20, 50, 100], "content": [0, 40, 100, 200], "structure": [0, 40, 200],
+                  "style": [0, 10, 100, 1000], "text+content": [0, 40, 100]}  # around the workflows' scales
 
 
 def retrieval_ranks(query: np.ndarray, sample_feats: np.ndarray, real_feats: np.ndarray, own: list[int], rng) -> np.ndarray:
@@ -81,7 +82,7 @@ class SDGBench:
             _, maps = self.clip_models.image_features(self.mc_clip, self.torch.from_numpy(images).float() / 255, [0, 1, 2, 3, 4])
         return [algo.gram(m) for m in maps]
 
-    def sample(self, guidance_for, n: int, mode: str, seed0: int = 0) -> np.ndarray:
+    def sample(self, guidance_for, n: int, mode: str, seed0: int = 0, start_percent: float = 0.0) -> np.ndarray:
         """n images (uint8), in batches; guidance_for(indices) -> MC_GUIDANCE or None (unguided)."""
         torch = self.torch
         out = []
@@ -90,7 +91,7 @@ class SDGBench:
             guidance = guidance_for(idx)
             model = self.model
             if guidance is not None:
-                (model,) = self.sdg.ApplySemanticGuidance.execute(self.model, guidance, mode, 0.0, 1.0, 1, seed0 + start,
+                (model,) = self.sdg.ApplySemanticGuidance.execute(self.model, guidance, mode, start_percent, 1.0, 1, seed0 + start,
                                                                   vae=self.vae, noise_aware_encoder=self.encoder).result
             (latent,) = self.env.nodes.common_ksampler(model, seed0 + start, self.steps, 1.0, "euler", "normal", self.empty,
                                                        self.empty, {"samples": torch.zeros(len(idx), 4, 16, 16)})
@@ -107,8 +108,9 @@ def layout_match(detector, reference: np.ndarray, sample: np.ndarray) -> float:
 
 
 def sdg_measures(env, samples: int = 100, steps: int = 20, mode: str = "noise-aware", sweeps: dict | None = None,
-                 batch: int = 10, pictures: pathlib.Path | None = None) -> tuple[str, dict]:
-    """Every SDG table of issue 8 (markdown) and the numbers (dict). Call inside torch.inference_mode()."""
+                 batch: int = 10, pictures: pathlib.Path | None = None, start_percent: float = DEFAULT_START) -> tuple[str, dict]:
+    """Every SDG table of issue 8 (markdown) and the numbers (dict). Call inside torch.inference_mode().
+    Guidance acts from `start_percent` of the schedule to its end (the workflows' setting by default)."""
     import torch
 
     sweeps = sweeps or DEFAULT_SWEEPS
@@ -143,14 +145,21 @@ def sdg_measures(env, samples: int = 100, steps: int = 20, mode: str = "noise-aw
         return sdg.CombineGuidance.execute(_per_sample_text(bench, [captions[i] for i in idx], scale), 0.5,
                                            content_g(idx, scale), 0.5).result[0]
 
-    rows, stats = [], {"mode": mode, "samples": samples, "steps": steps, "sampler": "euler, cfg 1, empty prompt"}
+    rows, stats = [], {"mode": mode, "samples": samples, "steps": steps, "sampler": "euler, cfg 1, empty prompt",
+                       "start_percent": start_percent}
+    unguided = None  # every kind's scale-0 row is the same seeds' unguided samples: sampled once
     kinds = [("text", text_g, "text"), ("content", content_g, "image"), ("structure", lambda i, s: content_g(i, s, True), "image"),
              ("style", style_g, "image"), ("text+content", both_g, "both")]
     picture_rows = []
     for kind, make, query in kinds:
         for scale in sweeps.get(kind, []):
             t0 = time.time()
-            images = bench.sample(lambda idx: make(idx, scale), samples, mode)
+            if scale == 0 and unguided is not None:
+                images = unguided
+            else:
+                images = bench.sample(lambda idx: make(idx, scale), samples, mode, start_percent=start_percent)
+                if scale == 0:
+                    unguided = images
             seconds = time.time() - t0
             feats = bench.features(images)
             entry = {"kind": kind, "scale": scale, "seconds": round(seconds, 1),
@@ -214,7 +223,7 @@ def _markdown(stats: dict, picture: str | None, info: str, encoder) -> str:
 
 Shapes world, {stats['samples']} samples per row, {stats['steps']} euler steps, cfg 1 on the **empty prompt**
 (the UNet then acts as the paper's unconditional model), mode **{stats['mode']}** for every row
-({encoder!r}). Scale 0 is the unguided model. Retrieval ranks each sample among it and 99 random
+({encoder!r}), guidance from {stats['start_percent']:.0%} of the schedule to its end. Scale 0 is the unguided model. Retrieval ranks each sample among it and 99 random
 real scenes by the clean dual encoder (chance: 1% / 5% / 10%); text rows use the caption's text
 embedding as the query (the paper's text-to-image retrieval), image rows the reference's image
 embedding. Fréchet distance on clean-encoder features against 100 real scenes (lower is closer to
@@ -252,6 +261,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", default="noise-aware", choices=["noise-aware", "decoded (fast)", "decoded (exact)"])
     parser.add_argument("--sweeps", help="JSON: {kind: [scales]} for kinds text, content, structure, style, text+content")
+    parser.add_argument("--start-percent", type=float, default=DEFAULT_START,
+                        help="guidance from this share of the schedule to its end (0 = every step)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(DOCS / "sdg_results.md"))
     args = parser.parse_args()
@@ -261,9 +272,11 @@ def main():
         sweeps = sweeps or {k: v[:2] for k, v in DEFAULT_SWEEPS.items()}
     env = harness.comfy_env()
     out = pathlib.Path(args.out)
-    text, stats = sdg_measures(env, args.samples, args.steps, args.mode, sweeps, pictures=out.parent / "sdg")
+    text, stats = sdg_measures(env, args.samples, args.steps, args.mode, sweeps, pictures=out.parent / "sdg",
+                               start_percent=args.start_percent)
     header = f"# Semantic diffusion guidance on the shapes world\n\nWritten by `python benchmarks/sdg_report.py " \
-             f"{'--quick ' if args.quick else ''}--samples {args.samples} --steps {args.steps} --mode \"{args.mode}\"` " \
+             f"{'--quick ' if args.quick else ''}--samples {args.samples} --steps {args.steps} --mode \"{args.mode}\" " \
+             f"--start-percent {args.start_percent:g}` " \
              f"on {datetime.date.today()} in {stats['seconds']:.0f} s.\n\n"
     text = text.replace("](sdg_sweep.png)", "](sdg/sdg_sweep.png)")
     out.write_text(header + text)

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import harness
+import sdg_report
 from measures import diversity, frechet_distance
 
 DOCS = harness.ROOT / "docs"
@@ -331,6 +332,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=24, help="two-object prompts for the binding table")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--samples", type=int, default=100, help="samples for the semantic measures")
+    parser.add_argument("--sdg-samples", type=int, default=30,
+                        help="samples per row of the semantic guidance sweep (benchmarks/sdg_report.py; 0 = leave it out)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--edits", type=int, default=12, help="blended edits")
@@ -340,7 +343,7 @@ def main():
     parser.add_argument("--out", default=str(DOCS / "results.md"))
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.seeds, args.samples, args.steps = 2, 2, 4, 4
+        args.prompts, args.seeds, args.samples, args.steps, args.sdg_samples = 2, 2, 4, 4, min(args.sdg_samples, 3)
         args.edits, args.candidates, args.finetune_steps = 2, 2, 3
 
     save_png.folder = pathlib.Path(args.out).parent
@@ -360,6 +363,13 @@ def main():
     text, stats["semantic"] = semantic_measures(sampler, world, args.samples)
     sections.append(text)
     print(text)
+    if args.sdg_samples:  # the guided samples, on the shipped models (the baseline above is their scale-0 row)
+        sweeps = {k: v[:2] for k, v in sdg_report.DEFAULT_SWEEPS.items()} if args.quick else None
+        text, stats["sdg"] = sdg_report.sdg_measures(env, args.sdg_samples, args.steps, sweeps=sweeps,
+                                                     pictures=save_png.folder / "sdg")
+        text = text.replace("](sdg_sweep.png)", "](sdg/sdg_sweep.png)")
+        sections.append(text)
+        print(text)
     header = f"""# Shapes-world results
 
 Written by `python benchmarks/shapes_report.py{' --quick' if args.quick else ''}` on {datetime.date.today()} in

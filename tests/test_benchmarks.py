@@ -41,12 +41,20 @@ def test_shapes_report_writes_every_table(tmp_path):
     out = run([str(BENCH / "shapes_report.py"), "--quick", "--weights", "random (untrained)", "--out", str(tmp_path / "results.md")], tmp_path)
     report = (tmp_path / "results.md").read_text()
     for heading in ("## Base text-to-image", "## Segmentation-free vs classifier-free guidance", "## Blended latent editing",
-                    "## Semantic-guidance measures"):
+                    "## Semantic-guidance measures", "## Semantic diffusion guidance"):
         assert heading in report and heading in out
     assert (tmp_path / "results_segfree_vs_cfg.png").is_file()
     stats = json.loads((tmp_path / "results.json").read_text())
     # the quick settings ran (4 samples, 2 edits x 2 candidates), and the tables print the numbers of results.json
     semantic, blended = stats["semantic"], stats["blended"]
+    # the guidance sweep: 3 samples a row, each kind's first two scales, the unguided row sampled once
+    sdg = stats["sdg"]
+    first_scales = {"text": 20, "content": 40, "structure": 40, "style": 10, "text+content": 40}
+    assert sdg["samples"] == 3
+    assert {(r["kind"], r["scale"]) for r in sdg["rows"]} == {(k, s) for k, v in first_scales.items() for s in (0, v)}
+    unguided = [r for r in sdg["rows"] if r["scale"] == 0]
+    assert len({r["diversity"] for r in unguided}) == 1  # the same samples in every scale-0 row
+    assert (tmp_path / "sdg" / "sdg_sweep.png").is_file()
     assert semantic["samples"] == 4 and blended["candidates"] == 2 and blended["edits"] <= 2
     top = [semantic["top1"], semantic["top5"], semantic["top10"]]
     assert top == sorted(top) and all(round(v * 4) == v * 4 for v in top)  # counts out of 4 samples, nested
