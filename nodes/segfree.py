@@ -9,7 +9,8 @@ from . import glue
 from .algorithms import segfree as segfree_algo
 
 HEAD_MODES = ["mean over heads", "per head"]
-CANDIDATE_MODES = ["prompt words", "prompt words + end/padding"]
+CANDIDATE_MODES = ["prompt words", "prompt words + end/padding", "content words"]
+MAP_CANDIDATE_MODES = ["content words", "prompt words"]
 JOINT_BLOCK_MODES = ["double-stream blocks", "double- and single-stream blocks"]
 MODEL_TOOLTIP = ("An SD1.x, SD2.x or SDXL UNet, or an SD3/SD3.5 or Flux-family model (joint attention: the image-to-text "
                  "weights are edited). It is cloned; yours is not changed.")
@@ -36,6 +37,8 @@ def segfree_inputs() -> list:
         io.Combo.Input("candidates", options=CANDIDATE_MODES, default=CANDIDATE_MODES[0],
                        tooltip="Which tokens may be a patch's most-attended one. The start token never is. End and padding "
                                "tokens only if asked (SD1.x pads with end tokens, which often win without meaning a word). "
+                               "'content words' leaves out articles, prepositions, pronouns and the like ('a', 'the', 'of', "
+                               "'to', 'left'), which take much attention without naming what a patch shows. "
                                "Needs the CLIP from this node wired into the text encoders; otherwise all tokens but the "
                                "start token are candidates. T5 (SD3, Flux) has no start token: there the end token and "
                                "padding are what is left out."),
@@ -50,7 +53,7 @@ def settings_from(segfree_scale, segfree_cfg, start_percent, attention_heads, ca
                   joint_blocks=JOINT_BLOCK_MODES[0]) -> glue.SegfreeSettings:
     return glue.SegfreeSettings(segfree_scale=segfree_scale, segfree_cfg=segfree_cfg, start_percent=start_percent,
                                 per_head=attention_heads == HEAD_MODES[1], include_specials=candidates == CANDIDATE_MODES[1],
-                                single_blocks=joint_blocks == JOINT_BLOCK_MODES[1])
+                                content_words=candidates == CANDIDATE_MODES[2], single_blocks=joint_blocks == JOINT_BLOCK_MODES[1])
 
 
 class SegmentationFreeGuidance(io.ComfyNode):
@@ -156,6 +159,11 @@ class SegmentationMap(io.ComfyNode):
                              tooltip="How many noise levels between start and end are probed (one model call each)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise added to the latent for probing."),
+                io.Combo.Input("candidates", options=MAP_CANDIDATE_MODES, default=MAP_CANDIDATE_MODES[0], optional=True,
+                               tooltip="Which words a patch may be given. 'content words' leaves out articles, prepositions "
+                                       "and pronouns ('a', 'the', 'of', 'to'), which often take the most attention without "
+                                       "naming anything (on the shapes world 'a' took most patches); 'prompt words' shows "
+                                       "every word, as segmentation-free guidance's default sees them."),
             ],
             outputs=[
                 io.Image.Output("map", tooltip="Patches coloured by their most-attended word, with a legend."),
@@ -171,7 +179,8 @@ class SegmentationMap(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, text, samples, start_percent, end_percent, probes, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, text, samples, start_percent, end_percent, probes, seed,
+                candidates=MAP_CANDIDATE_MODES[0]) -> io.NodeOutput:
         node = "MC_SegmentationMap"
         tokens = clip.tokenize(text)
         words = glue.prompt_words(clip.tokenizer, tokens)
@@ -179,7 +188,8 @@ class SegmentationMap(io.ComfyNode):
             raise glue.NodeInputError(node, "text", "the prompt has no words to map")
         positive = glue.clip_with_token_maps(clip).encode_from_tokens_scheduled(tokens)
         latent = samples["samples"]
-        scores = glue.record_segmentation(model, positive, latent, start_percent, end_percent, probes, seed, node)
+        scores = glue.record_segmentation(model, positive, latent, start_percent, end_percent, probes, seed, node,
+                                          content_words=candidates == MAP_CANDIDATE_MODES[0])
         labels = segfree_algo.segmentation_from_scores(scores)
         height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
         maps = torch.stack([segfree_algo.render_segmentation(l, words, (height, width)) for l in labels])

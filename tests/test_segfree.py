@@ -275,7 +275,7 @@ def recorded_token_maps(glue, patched) -> list:
     return seen
 
 
-@pytest.mark.parametrize("candidates", ["prompt words", "prompt words + end/padding"])
+@pytest.mark.parametrize("candidates", ["prompt words", "prompt words + end/padding", "content words"])
 def test_end_and_padding_become_candidates_when_asked(comfy_nodes, nodes_sf, glue, tiny_sd15, tiny_clip, prompts, candidates):
     (patched, _) = run_node(nodes_sf.SegmentationFreeGuidance, model=tiny_sd15, start_percent=0.0,
                             **{**SETTINGS, "candidates": candidates})
@@ -287,6 +287,11 @@ def test_end_and_padding_become_candidates_when_asked(comfy_nodes, nodes_sf, glu
     expected = torch.zeros(77, dtype=torch.bool)
     if candidates == "prompt words":
         expected[1:n_tokens + 1] = True  # the prompt's tokens only
+    elif candidates == "content words":  # "a cute maltese white dog next to a cat": not a, next, to
+        texts = glue.prompt_words(tiny_clip.tokenizer, tiny_clip.tokenize("a cute maltese white dog next to a cat"))
+        assert [t for t in texts if t not in glue.FUNCTION_WORDS] == ["cute", "maltese", "white", "dog", "cat"]
+        expected = torch.tensor([w > 0 and texts[w - 1] not in glue.FUNCTION_WORDS for w in words.tolist()])
+        assert int(expected.sum()) < n_tokens
     else:
         expected[1:] = True  # every position but BOS: end and padding too
     assert all(torch.equal(m.candidates.cpu(), expected) for m in seen)
@@ -412,6 +417,16 @@ def test_guider_with_sampler_custom_advanced(comfy_nodes, nodes_sf, tiny_sd15, p
     assert (run(sfg) - run(cfg_guider)).abs().max() > 1e-3
 
 
+def test_content_words_only_keeps_a_prompt_of_function_words(glue, tiny_clip):
+    """'content words' falls back to every prompt word when no content word is left (never an empty candidate set)."""
+    only_function = glue.token_map_from_tokens(tiny_clip.tokenizer, tiny_clip.tokenize("a the of"))
+    assert not only_function.content.any() and torch.equal(only_function.content_words_only().candidates, only_function.candidates)
+    mixed = glue.token_map_from_tokens(tiny_clip.tokenizer, tiny_clip.tokenize("a red circle to the left of a blue square"))
+    kept = mixed.content_words_only()
+    assert 0 < int(kept.candidates.sum()) < int(mixed.candidates.sum())
+    assert torch.equal(kept.fit(154, "cpu").candidates, kept.candidates.repeat(2))  # the batching repeat keeps the choice
+
+
 def test_word_scores_and_labels_on_hand_made_attention(sf):
     """accumulate_word_scores and segmentation_from_scores on attention built by hand over a 4x6 patch
     grid (not square, so a transposed layout shows) under an 8x12 latent. Tokens: BOS, 'red', 'cir' +
@@ -477,6 +492,13 @@ def test_segmentation_map(nodes_sf, sf, tiny_sd15, tiny_clip, artifacts):
     for b in range(2):
         assert torch.allclose(image[b, :256:4, ::4], colours[labels[b]], atol=1e-6)  # the map, enlarged 4x
     assert len(labels.unique()) > 1  # the tiny model's attention does pick more than one word
+    # by default only content words are given patches ("a" and "and" name nothing); 'prompt words' is every word
+    assert set(labels.unique().tolist()) <= {0, 2, 3, 6, 7}
+    _, every_masks, _ = run_node(nodes_sf.SegmentationMap, model=tiny_sd15, clip=tiny_clip, text="a red circle and a blue square",
+                                 samples=latent, start_percent=0.2, end_percent=0.8, probes=3, seed=1, candidates="prompt words")
+    every = every_masks.view(2, len(words), 64, 96)
+    assert every[:, [0, 3, 4]].sum() > 0  # on this tiny model function words do win patches when allowed
+    assert torch.equal(every.sum(1), per_word.sum(1))  # every patch still gets exactly one word
     from PIL import Image
     Image.fromarray((image[0].numpy() * 255).astype("uint8")).save(artifacts / "segmentation_map.png")
 

@@ -50,6 +50,8 @@ class TokenMap:
     # candidates when end/padding tokens may win too (every position but a BOS); None: all but
     # the BOS of each 77-token chunk (the CLIP layout)
     with_specials: torch.Tensor | None = None
+    # candidates that are content words (not "a", "the", "of", "to"...); None: not known
+    content: torch.Tensor | None = None
 
     def fit(self, length: int, device) -> "TokenMap":
         """Match a context length: ComfyUI repeats a shorter context when it batches prompts of
@@ -61,12 +63,21 @@ class TokenMap:
                 raise ValueError(f"token map of length {n} does not fit a context of length {length}")
             reps = length // n
         specials = None if self.with_specials is None else self.with_specials.repeat(reps).to(device)
-        return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device), specials)
+        content = None if self.content is None else self.content.repeat(reps).to(device)
+        return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device), specials, content)
 
     def including_specials(self) -> "TokenMap":
         """The same words, with end and padding tokens as candidates too (never a BOS)."""
         specials = self.with_specials if self.with_specials is not None else default_token_map(self.candidates.shape[0]).candidates
-        return TokenMap(specials.to(self.candidates.device), self.words, specials)
+        return TokenMap(specials.to(self.candidates.device), self.words, specials, self.content)
+
+    def content_words_only(self) -> "TokenMap":
+        """Only content words may win s(p): a function word ("a", "of") says nothing about what a
+        patch shows, yet often takes the most attention. A prompt of function words only, or a map
+        that does not know its words, keeps its candidates."""
+        if self.content is None or not bool(self.content.any()):
+            return self
+        return TokenMap(self.content.to(self.candidates.device), self.words, self.with_specials, self.content)
 
 
 def default_token_map(length: int, chunk: int | None = 77) -> TokenMap:

@@ -4,7 +4,7 @@ segmentation-free guidance as a MODEL patch and as a GUIDER."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,19 @@ def _sub_tokenizer(tokenizer, key: str):
     return None
 
 
+# Words that never name what a patch shows: articles, prepositions, conjunctions, pronouns and
+# auxiliaries (the candidates option "content words" leaves them out of s(p)).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every no
+of to in on at by for with from into onto over under above below behind between beside near next
+left right
+and or but nor so yet as than then
+is are was were be been being has have had do does did
+it its it's he she they them his her their we us our you your i me my
+there here which who whom whose what where when while
+""".split())
+
+
 @dataclass
 class _Part:
     """One encoder's share of the context: per position a candidate flag, a candidate flag with
@@ -38,6 +51,7 @@ class _Part:
     with_specials: list
     words: list
     word_texts: list
+    content: list = field(default_factory=list)  # per position: a candidate whose word is not a function word
 
 
 def _read_part(sub, chunks, t5_style: bool) -> _Part:
@@ -73,6 +87,9 @@ def _read_part(sub, chunks, t5_style: bool) -> _Part:
             part.with_specials.append(True)
             part.words.append(len(part.word_texts))
             open_word = not ends
+    # from this encoder's own word numbering (a T5/CLIP alignment renumbers `words` later)
+    part.content = [c and w > 0 and _normalised(part.word_texts[w - 1]) not in FUNCTION_WORDS
+                    for c, w in zip(part.candidates, part.words)]
     return part
 
 
@@ -145,7 +162,8 @@ def _token_parts(tokenizer, tokens: dict) -> tuple[dict, list]:
 def _as_map(*parts: _Part) -> segfree_algo.TokenMap:
     return segfree_algo.TokenMap(torch.tensor([c for p in parts for c in p.candidates], dtype=torch.bool),
                                  torch.tensor([w for p in parts for w in p.words], dtype=torch.long),
-                                 torch.tensor([c for p in parts for c in p.with_specials], dtype=torch.bool))
+                                 torch.tensor([c for p in parts for c in p.with_specials], dtype=torch.bool),
+                                 torch.tensor([c for p in parts for c in p.content], dtype=torch.bool))
 
 
 def token_map_from_tokens(tokenizer, tokens: dict, length: int | None = None, uses_t5: bool = True) -> segfree_algo.TokenMap | None:
@@ -362,6 +380,7 @@ class SegfreeSettings:
     start_percent: float = 0.4
     per_head: bool = False
     include_specials: bool = False
+    content_words: bool = False  # only content words may be s(p) (not "a", "of", "to"...)
     single_blocks: bool = False  # Flux: edit the single-stream blocks' image-to-text weights too
 
 
@@ -400,6 +419,8 @@ def apply_segfree_guidance(model_patcher, settings: SegfreeSettings, node: str):
                 token_map = conditioning_token_map(cond, length, joint)
                 if settings.include_specials:
                     token_map = token_map.including_specials()
+                elif settings.content_words:
+                    token_map = token_map.content_words_only()
                 if not bool(token_map.candidates.any()):
                     raise NodeInputError(node, "positive", "the prompt has no words for segmentation-free guidance to "
                                          "work on after the switch (it is empty); write a prompt or set start_percent to 1.0")
@@ -441,7 +462,7 @@ def segfree_guider(model_patcher, positive, negative, cfg: float, settings: Segf
 
 
 def record_segmentation(model_patcher, positive, latent: torch.Tensor, start_percent: float, end_percent: float,
-                        probes: int, seed: int, node: str) -> torch.Tensor:
+                        probes: int, seed: int, node: str, content_words: bool = False) -> torch.Tensor:
     """Run the model's conditional pass on the latent re-noised at `probes` noise levels between
     the two percents, and return the per-word attention summed over every cross-attention
     module and probe: (B, words + 1, h, w) on the latent grid."""
@@ -450,7 +471,8 @@ def record_segmentation(model_patcher, positive, latent: torch.Tensor, start_per
 
     cond_dict = positive[0][1]
     joint = uses_joint_attention(model_patcher)
-    recorder = SegmapRecorder(conditioning_token_map(cond_dict, positive[0][0].shape[1], joint), tuple(latent.shape[-2:]))
+    token_map = conditioning_token_map(cond_dict, positive[0][0].shape[1], joint)
+    recorder = SegmapRecorder(token_map.content_words_only() if content_words else token_map, tuple(latent.shape[-2:]))
     patched = install_attention_hook(model_patcher, node, single_blocks=False)
     patched.model_options["transformer_options"][SEGMAP_KEY] = recorder
     if joint:
