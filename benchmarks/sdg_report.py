@@ -210,8 +210,8 @@ def _save_pictures(folder: pathlib.Path, picture_rows, references: np.ndarray) -
         draw.text((4, r * (h + 2) + h // 2), f"{kind}\nscale {scale:g}", fill="black")
         for c, img in enumerate(images):
             canvas.paste(Image.fromarray(img), (label + c * (w + 2), r * (h + 2)))
-    canvas.save(folder / "sdg_sweep.png")
-    return "sdg_sweep.png"
+    canvas.save(folder / "sdg_sweep.jpg", quality=85)  # a photo-like grid: JPEG keeps the repository small
+    return "sdg_sweep.jpg"
 
 
 def _pct(v) -> str:
@@ -278,7 +278,7 @@ def main():
              f"{'--quick ' if args.quick else ''}--samples {args.samples} --steps {args.steps} --mode \"{args.mode}\" " \
              f"--start-percent {args.start_percent:g}` " \
              f"on {datetime.date.today()} in {stats['seconds']:.0f} s.\n\n"
-    text = text.replace("](sdg_sweep.png)", "](sdg/sdg_sweep.png)")
+    text = text.replace("](sdg_sweep.jpg)", "](sdg/sdg_sweep.jpg)")
     out.write_text(header + text)
     out.with_suffix(".json").write_text(json.dumps(stats, indent=2, default=float))
     print(text)

@@ -367,7 +367,7 @@ def main():
         sweeps = {k: v[:2] for k, v in sdg_report.DEFAULT_SWEEPS.items()} if args.quick else None
         text, stats["sdg"] = sdg_report.sdg_measures(env, args.sdg_samples, args.steps, sweeps=sweeps,
                                                      pictures=save_png.folder / "sdg")
-        text = text.replace("](sdg_sweep.png)", "](sdg/sdg_sweep.png)")
+        text = text.replace("](sdg_sweep.jpg)", "](sdg/sdg_sweep.jpg)")
         sections.append(text)
         print(text)
     header = f"""# Shapes-world results

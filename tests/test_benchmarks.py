@@ -54,7 +54,7 @@ def test_shapes_report_writes_every_table(tmp_path):
     assert {(r["kind"], r["scale"]) for r in sdg["rows"]} == {(k, s) for k, v in first_scales.items() for s in (0, v)}
     unguided = [r for r in sdg["rows"] if r["scale"] == 0]
     assert len({r["diversity"] for r in unguided}) == 1  # the same samples in every scale-0 row
-    assert (tmp_path / "sdg" / "sdg_sweep.png").is_file()
+    assert (tmp_path / "sdg" / "sdg_sweep.jpg").is_file()
     assert semantic["samples"] == 4 and blended["candidates"] == 2 and blended["edits"] <= 2
     top = [semantic["top1"], semantic["top5"], semantic["top10"]]
     assert top == sorted(top) and all(round(v * 4) == v * 4 for v in top)  # counts out of 4 samples, nested
