@@ -202,3 +202,38 @@ def test_make_dataset_matches_the_world_and_comfyui_tokens(tmp_path, pack_module
         assert np.array_equal(scenes.images[i], scene.image)
         comfy_ids = [t[0] for t in tokenizer.tokenize_with_weights(scene.caption)["l"][0]]
         assert scenes.tokens[i].tolist() == comfy_ids, scene.caption
+
+
+def test_scene_set_latents_are_cached_and_resumed(tmp_path):
+    """A single process keeps the encoded latents beside the set: a second run encodes nothing and
+    gets the same latents; a run stopped mid-way encodes only the missing chunks; another key
+    (another VAE) encodes afresh; without a key nothing is written."""
+    import numpy as np
+    common = training_module("common")
+    n = 10
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8))
+    np.save(tmp_path / "tokens.npy", np.zeros((n, 77), dtype=np.int32))
+    np.save(tmp_path / "seeds.npy", np.arange(n))
+    (tmp_path / "captions.json").write_text(json.dumps([f"scene {i}" for i in range(n)]))
+    calls = []
+
+    def encode(x):  # a stand-in VAE: the mean colour per image, as a (B, 3, 1, 1) "latent"
+        calls.append(len(x))
+        return x.mean(dim=(2, 3), keepdim=True)
+
+    scenes = common.SceneSet(tmp_path)
+    first = scenes.encoded(encode, "vaeA", chunk=4, log=lambda *_: None)
+    assert calls == [4, 4, 2] and first.dtype == torch.float16 and first.shape == (n, 3, 1, 1)
+    expected = torch.from_numpy(np.load(tmp_path / "images.npy")).float().div(255).mean(dim=(1, 2)).half()
+    assert torch.equal(first[:, :, 0, 0], expected)
+    calls.clear()
+    assert torch.equal(scenes.encoded(encode, "vaeA", chunk=4, log=lambda *_: None), first) and calls == []
+    (tmp_path / "latents-vaeA" / "00001-4.npy").unlink()  # as if stopped while encoding the second chunk
+    assert torch.equal(scenes.encoded(encode, "vaeA", chunk=4, log=lambda *_: None), first) and calls == [4]
+    calls.clear()
+    scenes.encoded(encode, "vaeB", chunk=4, log=lambda *_: None)
+    assert calls == [4, 4, 2]
+    calls.clear()
+    scenes.encoded(encode, None, chunk=4, log=lambda *_: None)
+    assert calls == [4, 4, 2] and sorted(p.name for p in tmp_path.glob("latents-*")) == ["latents-vaeA", "latents-vaeB"]

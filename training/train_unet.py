@@ -26,6 +26,7 @@ warning, which is only useful for testing the command).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 
@@ -193,12 +194,17 @@ def main(argv=None):
     if args.dataset:  # the whole pre-rendered set (this process's shard under torchrun), encoded once, kept on the device
         scenes = common.open_scene_set(args.dataset)
         shard = np.sort(scenes.index)
-        chunks = []
-        for i in range(0, len(shard), 512):
-            x = torch.from_numpy(np.ascontiguousarray(scenes.images[shard[i:i + 512]])).float().div(255).permute(0, 3, 1, 2)
+
+        def encode_chunk(x):
             with common.autocast(run.device, args.amp):
-                chunks.append(encode_latents(x).float().to(torch.float16))
-        all_latents = torch.cat(chunks)
+                return encode_latents(x)
+
+        # cached beside the set, keyed by the VAE's weights (a random VAE is not cached)
+        key = None
+        if have["vae"]:
+            vae_hash = hashlib.sha256((src / models.VAE_FILE).read_bytes()).hexdigest()[:12]
+            key = f"vae{vae_hash}-{'bf16' if common.autocast_enabled(run.device, args.amp) else 'fp32'}"
+        all_latents = scenes.encoded(encode_chunk, key, log=run.print).to(run.device)
         all_tokens = torch.from_numpy(scenes.tokens[shard].astype("int64")).to(run.device)
         run.print(f"[unet] {len(shard)} pre-rendered scenes encoded, latent std {all_latents.float().std():.3f}")
     else:
