@@ -188,6 +188,56 @@ def test_one_guidance_step_raises_the_guidance_function(comfy_nodes, nodes_sdg, 
     assert (after > before).all(), (kind, mode, before, after)
 
 
+@pytest.fixture(scope="module")
+def dit_models():
+    return {"sd3": tiny_models.tiny_sd3(seed=0), "flux": tiny_models.tiny_flux(seed=0, guidance_embed=True)}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("mode", ["noise-aware", "decoded (fast)", "decoded (exact)"])
+def test_guidance_on_16_channel_joint_attention_models(comfy_nodes, nodes_sdg, glue, algo, clip_models, mc_clip, dit_models,
+                                                       family, mode):
+    """SD3 and Flux (16-channel latents, their own latent formats and samplings): the encoder's stem
+    takes 16 channels, a 16-channel VAE decodes, and one step raises F as on UNets."""
+    model = dit_models[family]
+    encoder16 = sdg_fixtures.tiny_encoder(glue, algo, clip_models, mc_clip, model)
+    assert encoder16.record.latent_channels == 16
+    guidance = guidance_of(nodes_sdg, mc_clip, "content", scale=1.0)
+    (patched,) = nodes_sdg.ApplySemanticGuidance.execute(model, guidance, mode, 0.0, 1.0, 1, 3, vae=tiny_models.tiny_vae16(seed=3),
+                                                         noise_aware_encoder=encoder16).result
+    hook = glue.guidance_hook(patched)
+    positive = tiny_models.dit_conditioning(family, 1)
+    if family == "flux":
+        positive[0][1]["guidance"] = 3.5
+    seen = []
+
+    def check(args):
+        if not seen:
+            shifted = hook(args)
+            delta = shifted - args["denoised"]
+            start = args["denoised"] if mode == "decoded (fast)" else args["input"]
+            step = 1e-2 * delta / delta.abs().max().clamp_min(1e-30)
+            seen.append((delta.abs().max(), guidance_value(glue, hook, args, mode, start),
+                         guidance_value(glue, hook, args, mode, start + step)))
+        return args["denoised"]
+
+    recording = model.clone()
+    recording.set_model_sampler_post_cfg_function(check)
+
+    def sample():
+        comfy_nodes.common_ksampler(recording, 7, 1, 1.0, "euler", "simple", positive, positive,
+                                    {"samples": torch.zeros(1, 16, 8, 8)})
+
+    if family == "flux" and mode == "decoded (exact)":
+        # ComfyUI's Flux blocks write into their activations in place: no gradient through the model
+        with pytest.raises(glue.NodeInputError, match="MC_ApplySemanticGuidance: input 'mode'.*Flux model.*'decoded \\(fast\\)'"):
+            sample()
+        return
+    sample()
+    change, before, after = seen[0]
+    assert change > 0 and (after > before).all(), (family, mode, before, after)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches, precision, inference mode, composition
 

@@ -355,6 +355,16 @@ class SemanticGuidanceHook:
                                      "mode, and this model was loaded inside it; use 'decoded (fast)' or "
                                      "'noise-aware'") from None
             value = self._value_from_images(self._decode(model, x0.float()))
+            try:
+                (grad,) = torch.autograd.grad(value.sum(), x)
+            except RuntimeError as e:
+                if "inplace operation" not in str(e):
+                    raise
+                # ComfyUI's Flux blocks write into their activations in place: no backward through them
+                raise NodeInputError(self.node, "mode", f"'decoded (exact)' takes the gradient through the model, and this "
+                                     f"{type(getattr(model, 'model_config', model)).__name__} model's forward pass changes its tensors in place, so it "
+                                     "cannot be differentiated; use 'decoded (fast)' or 'noise-aware'") from None
+            return grad
         (grad,) = torch.autograd.grad(value.sum(), x)
         return grad
 
