@@ -131,6 +131,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet", choices=["tiny", "sd15", "tiny-sd3", "tiny-flux", "sd3", "flux"], default="tiny")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--depth", type=int, default=0,
+                        help="tiny-sd3 / tiny-flux: blocks (SD3: hidden 64·depth; Flux: depth double + depth single "
+                             "blocks, hidden 32·depth); 0 = the tests' tiny models (2)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=None, help="interleaved CFG/SFG pairs per row (default 5; 15 on the tiny DiTs)")
     parser.add_argument("--batch", type=int, default=1)
@@ -170,10 +173,12 @@ def dit_main(args, glue, torch):
     dtype = torch.bfloat16 if gpu else torch.float32
     if full_size:
         model = dit_full_size(kind, dtype)
-    elif kind == "sd3":
-        model = harness.tiny_models.tiny_sd3(seed=0)
+    elif kind == "sd3":  # ComfyUI's MMDiT: hidden size 64·depth, depth heads
+        model = harness.tiny_models.tiny_sd3(seed=0, depth=args.depth or 2)
     else:
-        model = harness.tiny_models.tiny_flux(seed=0, guidance_embed=True, depth=2, depth_single_blocks=2)
+        depth = args.depth or 2
+        model = harness.tiny_models.tiny_flux(seed=0, guidance_embed=True, depth=depth, depth_single_blocks=depth,
+                                              hidden_size=64 * max(depth // 2, 1), num_heads=max(depth // 2, 1))
     positive, negative = dit_prompts(kind, full_size, glue)
     latent = torch.zeros(args.batch, 16, args.size // 8, args.size // 8)
     print(f"segmentation-free guidance vs CFG, {args.unet}, {args.size}x{args.size}, batch {args.batch}, {dtype}")

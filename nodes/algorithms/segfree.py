@@ -152,11 +152,13 @@ def image_to_text_weights(q: torch.Tensor, k: torch.Tensor, text: slice, image: 
 
     Without the N × N matrix: the text logits are explicit (N_img × T), and their share of each
     row's softmax mass, Σ_{j ∈ text} A[p, j], is one fused attention call whose values are the
-    text-key indicator. A[p, j] = share_p · softmax over the text logits alone."""
+    text-key indicator, one channel wide (the attention's value product then costs 1/D of the
+    model's; `attention` must take values narrower than the keys, as torch's SDPA does).
+    A[p, j] = share_p · softmax over the text logits alone."""
     q_img = q[:, :, image]
     logits = (q_img.float() @ k[:, :, text].float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    indicator = torch.zeros_like(k)
-    indicator[:, :, text, 0] = 1.0
+    indicator = k.new_zeros(k.shape[:-1] + (1,))
+    indicator[:, :, text] = 1.0
     share = attention(q_img, k, indicator)[..., 0].float()
     return torch.softmax(logits, dim=-1) * share.unsqueeze(-1)
 

@@ -162,15 +162,20 @@ def make_attention_override(previous=None):
         rows = q.shape[0] // len(kinds)
         uuids = options.get("uuids", [None] * len(kinds))
 
-        def fused(qh, kh, vh, part):
+        def share_attention(qh, kh, indicator, part):
+            """softmax(q kᵀ/√d) · indicator with the block's mask, in torch's SDPA: the indicator is one
+            channel wide, which ComfyUI's attention functions (values as wide as the keys) do not take."""
             m = mask[part] if mask is not None and mask.shape[0] == q.shape[0] else mask
-            res = base(qh, kh, vh, heads, skip_reshape=True, mask=m, transformer_options=options)
-            return res.reshape(res.shape[0], res.shape[1], heads, -1).transpose(1, 2)
+            if m is not None:
+                m = m[None] if m.ndim == 2 else m
+                m = m[:, None] if m.ndim == 3 else m
+                m = m.to(qh.dtype) if m.dtype != torch.bool else m
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, indicator.to(qh.dtype), attn_mask=m)
 
         for i in special:
             part = slice(i * rows, (i + 1) * rows)
             qh, kh, vh = (_heads_layout(t[part], heads, skip_reshape) for t in (q, k, v))
-            attention = lambda a, b, c, part=part: fused(a, b, c, part)  # noqa: E731
+            attention = lambda a, b, c, part=part: share_attention(a, b, c, part)  # noqa: E731
             text_len = call.text.stop - call.text.start
             if step is not None and kinds[i] == 1:
                 token_map = step.token_maps.get(uuids[i])
