@@ -27,6 +27,19 @@ from .glue import NodeInputError
 CATEGORY = "More Control/composition"
 
 
+def instruction_lines(node: str, instructions: str, max_turns: int) -> list[str]:
+    try:
+        return algo.parse_instructions(instructions, max_turns)
+    except ValueError as e:
+        raise NodeInputError(node, "instructions", str(e)) from None
+
+
+def check_one_image(node: str, name: str, image: torch.Tensor, advice: str = ""):
+    """The turn loop feeds each turn's output to the next: it takes one image, not a batch."""
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise NodeInputError(node, name, f"expects one image [1, H, W, C], got shape {tuple(image.shape)}{advice}")
+
+
 class IterativeEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -85,13 +98,8 @@ class IterativeEdit(io.ComfyNode):
     def execute(cls, model, clip, vae, image, instructions, negative, seed, steps, cfg, sampler_name, scheduler, denoise,
                 threshold, max_turns, masks=None) -> io.NodeOutput:
         node = "MC_IterativeEdit"
-        try:
-            lines = algo.parse_instructions(instructions, max_turns)
-        except ValueError as e:
-            raise NodeInputError(node, "instructions", str(e)) from None
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise NodeInputError(node, "image", f"expects one image [1, H, W, C], got shape {tuple(image.shape)}: "
-                                 "edit one image at a time")
+        lines = instruction_lines(node, instructions, max_turns)
+        check_one_image(node, "image", image, ": edit one image at a time")
         if not hasattr(vae, "first_stage_model") or not hasattr(vae, "spacial_compression_encode"):
             raise NodeInputError(node, "vae", "needs an image VAE")
         height, width = image.shape[1:3]
@@ -211,12 +219,8 @@ class IterativeComposition(io.ComfyNode):
     @classmethod
     def execute(cls, composer, canvas, instructions, seed, steps, cfg, icm_scale, max_turns) -> io.NodeOutput:
         node = "MC_IterativeComposition"
-        try:
-            lines = algo.parse_instructions(instructions, max_turns)
-        except ValueError as e:
-            raise NodeInputError(node, "instructions", str(e)) from None
-        if canvas.ndim != 4 or canvas.shape[0] != 1:
-            raise NodeInputError(node, "canvas", f"expects one image [1, H, W, C], got shape {tuple(canvas.shape)}")
+        lines = instruction_lines(node, instructions, max_turns)
+        check_one_image(node, "canvas", canvas)
 
         def turn(k, reference, mask):
             return glue.compose_turn(composer, reference, lines[k], seed + k, steps, cfg, icm_scale).to(reference.device)

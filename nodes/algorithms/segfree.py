@@ -62,6 +62,8 @@ class TokenMap:
             if length % n:
                 raise ValueError(f"token map of length {n} does not fit a context of length {length}")
             reps = length // n
+        if reps == 1 and self.candidates.device == torch.device(device):
+            return self  # the usual case, met in every attention call: nothing to copy
         specials = None if self.with_specials is None else self.with_specials.repeat(reps).to(device)
         content = None if self.content is None else self.content.repeat(reps).to(device)
         return TokenMap(self.candidates.repeat(reps).to(device), self.words.repeat(reps).to(device), specials, content)
