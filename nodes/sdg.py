@@ -327,6 +327,11 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
                                tooltip="AdamW learning rate (the paper's 1e-4)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of batches and noise."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this name's checkpoint if there is one."),
+                io.Float.Input("alignment_weight", default=100.0, min=0.0, max=10000.0, step=1.0,
+                               tooltip="Weight of a term (ours) pulling each noisy embedding towards its clean one "
+                                       "(1 - cosine), added to the paper's contrastive loss. 0 = the paper's loss "
+                                       "alone, which with small batches and short runs drifts away from CLIP's "
+                                       "embeddings that guidance compares against."),
                 io.Image.Input("images", optional=True, tooltip="Training images (an IMAGE batch)."),
             ],
             outputs=[
@@ -338,7 +343,7 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, mc_clip, model, vae, folder, name, steps, batch_size, resolution, learning_rate, seed, resume,
-                images=None) -> io.NodeOutput:
+                alignment_weight=100.0, images=None) -> io.NodeOutput:
         node = "MC_TrainNoiseAwareEncoder"
         check_clip(node, mc_clip)
         if not name.strip() or any(c in name for c in "/\\:"):
@@ -356,7 +361,8 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
         out_dir = pathlib.Path(folder_paths.get_folder_paths(glue.ENCODER_FOLDER)[0])
         result = glue.train_noise_aware_encoder(mc_clip, model, vae, pictures, out_dir / f"{name.strip()}.safetensors",
                                                 steps=steps, batch_size=batch_size, resolution=resolution,
-                                                lr=learning_rate, seed=seed, resume=resume, node=node)
+                                                lr=learning_rate, seed=seed, resume=resume, node=node,
+                                                alignment_weight=alignment_weight)
         curve = result["loss_curve"]
         return io.NodeOutput(result["encoder"], curve, result["info"], ui=ui.PreviewImage(curve, cls=cls))
 

@@ -389,6 +389,42 @@ def test_encoder_starts_from_clip_and_handles_vit_towers(algo):
         encoder(torch.randn(1, 16, 6, 6), torch.tensor([1.0]))
 
 
+def test_alignment_term_adds_to_the_contrastive_loss_and_keeps_the_clean_space(algo):
+    """Our alignment term (1 - cosine with the clean embedding, weighted) is added to the paper's
+    loss exactly, and its gradient pulls the noisy embeddings towards the clean ones."""
+    import copy
+
+    import open_clip
+
+    torch.manual_seed(0)
+    vit = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                         text_cfg={"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}).visual
+    clean = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    assert float(algo.alignment_loss(clean, clean)) == pytest.approx(0.0, abs=1e-6)
+    assert float(algo.alignment_loss(-clean, clean)) == pytest.approx(2.0, abs=1e-6)
+    a = torch.randn(6, 16)
+    by_hand = sum(1 - float(a[i] @ clean[i]) / float(a[i].norm()) for i in range(6)) / 6
+    assert float(algo.alignment_loss(a, clean)) == pytest.approx(by_hand, abs=1e-5)
+
+    x, sigmas = torch.randn(6, 4, 8, 8), torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0, 10.0])
+    plain = algo.NoiseAwareEncoder(vit, 4)
+    aligned = copy.deepcopy(plain)
+    with torch.no_grad():
+        embedding, _ = plain(x, sigmas)
+    expected_extra = 10.0 * float(algo.alignment_loss(embedding, clean))
+    loss_plain = algo.training_step(plain, algo.make_optimizer(plain), x, sigmas, clean)
+    loss_aligned = algo.training_step(aligned, algo.make_optimizer(aligned), x, sigmas, clean, alignment_weight=10.0)
+    assert loss_aligned == pytest.approx(loss_plain + expected_extra, rel=1e-5)
+
+    pulled = copy.deepcopy(aligned)
+    optimizer = algo.make_optimizer(pulled, lr=1e-3)
+    before = 1 - float(algo.alignment_loss(pulled(x, sigmas)[0].detach(), clean))
+    for _ in range(5):
+        algo.training_step(pulled, optimizer, x, sigmas, clean, alignment_weight=1000.0)
+    after = 1 - float(algo.alignment_loss(pulled(x, sigmas)[0].detach(), clean))
+    assert after > before + 0.05, (before, after)
+
+
 def test_encoder_file_round_trip(glue, algo, encoder, tmp_path):
     path = tmp_path / "enc.safetensors"
     glue.save_noise_aware_encoder(encoder.encoder, encoder.record, path, fp16=False)

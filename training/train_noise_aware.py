@@ -144,6 +144,9 @@ def main(argv=None):
     p.add_argument("--stem-lr", type=float, default=1e-3)
     p.add_argument("--new-parts-lr-factor", type=float, default=10.0,
                    help="the latent stem and the FiLM MLP (not in CLIP) learn this many times faster")
+    p.add_argument("--alignment-weight", type=float, default=100.0,
+                   help="weight of the alignment term (1 - cosine with the clean embedding, ours) added to the paper's "
+                        "contrastive loss; 0 = the paper's loss alone")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch, args.pool, args.eval_scenes, args.stem_warmup = min(args.steps, 3), 4, 8, 4, 2
@@ -211,7 +214,8 @@ def main(argv=None):
         noise = torch.randn(latents.shape, generator=generator)
         latents, sigmas, noise = latents.to(run.device), sigmas.to(run.device), noise.to(run.device)
         noisy_input = sampling.calculate_input(sigmas, sampling.noise_scaling(sigmas, noise, latents))
-        loss = sdg.training_step(stepped, optimizer, noisy_input, sigmas, distributed.gather(clean.to(run.device)))
+        loss = sdg.training_step(stepped, optimizer, noisy_input, sigmas, distributed.gather(clean.to(run.device)),
+                                  alignment_weight=args.alignment_weight)
         run.log(loss)
         if run.step % args.pool_refresh == 0:
             slice_size = max(1, args.pool // 16)
@@ -228,12 +232,15 @@ def main(argv=None):
     encoder.requires_grad_(False)
     metrics = evaluate(sdg, encoder, world, mc_clip, vae, model, sampling, args.eval_scenes, run.device, seed=args.seed)
     n = args.batch * run.dist.world_size
-    rec = run.record(WEIGHTS_FILE, heldout=metrics, weight_decay=args.weight_decay, pool=args.pool,
+    rec = run.record(WEIGHTS_FILE, heldout=metrics, weight_decay=args.weight_decay,
+                     alignment_weight=args.alignment_weight, pool=args.pool,
                      vae_record=models.read_record(models.WEIGHTS_DIR / models.VAE_FILE).get("finished_utc"),
                      encoder_record=sdg.encoder_metadata(record),
                      final_loss_definition=f"symmetric cross-entropy (both directions summed) over a batch of {n}"
                                            + (f" gathered from {run.dist.world_size} processes" if run.dist.enabled else "")
-                                           + f", logit scale {sdg.LOGIT_SCALE:g} (chance = 2 ln {n} = {2 * np.log(n):.3f})",
+                                           + f", logit scale {sdg.LOGIT_SCALE:g} (chance = 2 ln {n} = {2 * np.log(n):.3f})"
+                                           + (f", plus {args.alignment_weight:g} x mean(1 - cosine with the clean embedding)"
+                                              if args.alignment_weight else ""),
                      stored_dtype="float16")
     print(f"[noise_aware] done: {rec['steps']} steps in {rec['train_seconds'] / 60:.1f} min, final loss {rec['final_loss']:.4f}; "
           + ", ".join(f"{k}: cos {v['cosine_with_clean_clip']:.3f} top-1 {v['top1_among_n']:.3f}" for k, v in metrics.items()

@@ -356,6 +356,15 @@ def contrastive_loss(noisy_embedding: torch.Tensor, clean_embedding: torch.Tenso
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 
+def alignment_loss(noisy_embedding: torch.Tensor, clean_embedding: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(E'_I(x_t), E_I(x_0)) over the pairs. Not in the paper: ours, for small batches.
+    The contrastive loss only ranks each noisy embedding among the batch's clean ones, so with a few
+    dozen pairs it can reach a low value while the embeddings drift away from the clean ones; guidance
+    compares them with CLIP text and image embeddings (eqs. 6-7), so it needs them close, not only ranked."""
+    a, b = F.normalize(noisy_embedding, dim=-1), F.normalize(clean_embedding, dim=-1)
+    return (1 - (a * b).sum(-1)).mean()
+
+
 def sample_sigmas(batch: int, sigma_table: torch.Tensor | None, sigma_min: float, sigma_max: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Noise levels for training: uniform over the model's discrete schedule (the paper's uniform
@@ -379,11 +388,15 @@ def make_optimizer(encoder: NoiseAwareEncoder, lr: float = 1e-4, weight_decay: f
 
 
 def training_step(encoder: NoiseAwareEncoder, optimizer: torch.optim.Optimizer, noisy_input: torch.Tensor,
-                  sigmas: torch.Tensor, clean_embedding: torch.Tensor, max_grad_norm: float = 1.0) -> float:
-    """One optimiser step of the self-supervised loss; returns the loss."""
+                  sigmas: torch.Tensor, clean_embedding: torch.Tensor, max_grad_norm: float = 1.0,
+                  alignment_weight: float = 0.0) -> float:
+    """One optimiser step of the self-supervised loss (plus `alignment_weight` x alignment_loss, 0 =
+    the paper's loss alone); returns the loss."""
     encoder.train()
     embedding, _ = encoder(noisy_input, sigmas)
     loss = contrastive_loss(embedding, clean_embedding.detach())
+    if alignment_weight:
+        loss = loss + alignment_weight * alignment_loss(embedding, clean_embedding.detach())
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):  # a diverging step is skipped, never written into the weights
         encoder.eval()

@@ -479,7 +479,8 @@ def _clip_pixels(mc_clip, images: torch.Tensor) -> torch.Tensor:
 
 def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.Tensor], path, steps: int,
                               batch_size: int, resolution: int, lr: float, seed: int, resume: bool, node: str,
-                              checkpoint_every: int = 200, warmup_steps: int | None = None) -> dict:
+                              checkpoint_every: int = 200, warmup_steps: int | None = None,
+                              alignment_weight: float = 0.0) -> dict:
     """The self-supervised fine-tune on the user's images; returns {"encoder", "loss_curve", "info", "losses"}.
     Latents and the frozen CLIP's embeddings are computed once; each step noises a random batch at
     random levels of the model's own schedule."""
@@ -556,7 +557,8 @@ def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.
             noise = torch.randn(latents[index].shape, generator=generator)
             z, sigmas, noise = latents[index].to(device), sigmas.to(device), noise.to(device)
             noisy_input = sampling.calculate_input(sigmas, sampling.noise_scaling(sigmas, noise, z))
-            losses.append((step + 1, algo.training_step(encoder, optimizer, noisy_input, sigmas, clean[index].to(device))))
+            losses.append((step + 1, algo.training_step(encoder, optimizer, noisy_input, sigmas, clean[index].to(device),
+                                                               alignment_weight=alignment_weight)))
             bar.update(1)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save_noise_aware_encoder(encoder, record, checkpoint, fp16=False,
@@ -568,6 +570,7 @@ def train_noise_aware_encoder(mc_clip, model_patcher, vae, pictures: list[torch.
     final = sum(finite) / max(len(finite), 1) if finite else float("nan")
     (path.with_suffix(".json")).write_text(json.dumps({
         "steps": max(steps, done), "batch_size": batch_size, "lr": lr, "weight_decay": 1e-3, "seed": seed,
+        "alignment_weight": alignment_weight,
         "stem_warmup_steps": warmup_steps if done == 0 else 0,
         "images": int(images.shape[0]), "resolution": resolution, "final_loss": final,
         "record": encoder_metadata(record), "loss_history": [[s, round(v, 5)] for s, v in losses[:: max(1, len(losses) // 2000)]],
