@@ -36,7 +36,7 @@ from measures import diversity, frechet_distance
 DOCS = harness.ROOT / "docs"
 REAL_SEED_START = 30_000  # the same real scenes as the shapes-world report's base-model retrieval
 
-DEFAULT_START = 0.6  # the workflows' start_percent: the shipped encoder reads only the low-noise latents
+DEFAULT_START = 0.3  # the workflows' start_percent: the fine-tuned encoder reads the schedule from about t=500 down
 DEFAULT_SWEEPS = {"text": [0, 20, 50, 100], "content": [0, 40, 100, 200], "structure": [0, 40, 200],
                   "style": [0, 10, 100, 1000], "text+content": [0, 40, 100]}  # around the workflows' scales
 
