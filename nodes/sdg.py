@@ -327,7 +327,7 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
                                tooltip="AdamW learning rate (the paper's 1e-4)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of batches and noise."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this name's checkpoint if there is one."),
-                io.Float.Input("alignment_weight", default=100.0, min=0.0, max=10000.0, step=1.0,
+                io.Float.Input("alignment_weight", default=sdg_algo.ALIGNMENT_WEIGHT, min=0.0, max=10000.0, step=1.0,
                                tooltip="Weight of a term (ours) pulling each noisy embedding towards its clean one "
                                        "(1 - cosine), added to the paper's contrastive loss. 0 = the paper's loss "
                                        "alone, which with small batches and short runs drifts away from CLIP's "
@@ -343,7 +343,7 @@ class TrainNoiseAwareEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, mc_clip, model, vae, folder, name, steps, batch_size, resolution, learning_rate, seed, resume,
-                alignment_weight=100.0, images=None) -> io.NodeOutput:
+                alignment_weight=sdg_algo.ALIGNMENT_WEIGHT, images=None) -> io.NodeOutput:
         node = "MC_TrainNoiseAwareEncoder"
         check_clip(node, mc_clip)
         if not name.strip() or any(c in name for c in "/\\:"):

@@ -133,6 +133,7 @@ def evaluate(sdg, encoder, world, mc_clip, vae, model, sampling, n: int, device,
 
 
 def main(argv=None):
+    sdg = load_sdg_algorithms()
     p = common.base_parser(__doc__.splitlines()[0], steps=100000, batch=64, lr=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (the paper's 1e-3)")
     p.add_argument("--pool", type=int, default=512, help="scenes encoded at a time")
@@ -144,7 +145,7 @@ def main(argv=None):
     p.add_argument("--stem-lr", type=float, default=1e-3)
     p.add_argument("--new-parts-lr-factor", type=float, default=10.0,
                    help="the latent stem and the FiLM MLP (not in CLIP) learn this many times faster")
-    p.add_argument("--alignment-weight", type=float, default=100.0,
+    p.add_argument("--alignment-weight", type=float, default=sdg.ALIGNMENT_WEIGHT,
                    help="weight of the alignment term (1 - cosine with the clean embedding, ours) added to the paper's "
                         "contrastive loss; 0 = the paper's loss alone")
     args = p.parse_args(argv)
@@ -153,7 +154,6 @@ def main(argv=None):
     comfy_env.setup()
     world = importlib.import_module("mc_shapes_world.world")
     models = importlib.import_module("mc_shapes_world.models")
-    sdg = load_sdg_algorithms()
 
     run = common.Run("noise_aware", args)
     bundle = models.load_bundle("trained")

@@ -356,6 +356,12 @@ def contrastive_loss(noisy_embedding: torch.Tensor, clean_embedding: torch.Tenso
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 
+# Our default weight of alignment_loss beside the contrastive loss (from the shapes-world probes:
+# weight 1 still collapsed the embeddings, 100 kept them in CLIP's space); training_step's own
+# default stays 0, the paper's loss.
+ALIGNMENT_WEIGHT = 100.0
+
+
 def alignment_loss(noisy_embedding: torch.Tensor, clean_embedding: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(E'_I(x_t), E_I(x_0)) over the pairs. Not in the paper: ours, for small batches.
     The contrastive loss only ranks each noisy embedding among the batch's clean ones, so with a few
