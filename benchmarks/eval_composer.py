@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=10_000_000, help="held-out episodes start here")
     ap.add_argument("--quick", action="store_true", help="2 episodes, 2 turns, 2 steps (CI)")
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--strip", type=pathlib.Path, default=None,
+                    help="save the first episodes as a picture: the canvas, then each turn, ground truth above ours")
+    ap.add_argument("--strip-episodes", type=int, default=3)
     args = ap.parse_args(argv)
     if args.quick:
         args.episodes, args.turns, args.steps = 2, 2, 2
@@ -60,19 +63,21 @@ def main(argv=None) -> int:
     glue = env.module("nodes.glue")
     multiturn = env.module("nodes.shapes_world.multiturn")
     models = env.module("nodes.shapes_world.models")
+    composer_mod = env.module("nodes.shapes_world.composer")
     bundle = glue.load_composer(args.weights)
     if args.composer is not None:
         with torch.inference_mode(False):
-            bundle.composer.load_state_dict(models.load_weights(args.composer), strict=False)
+            composer_mod.load_shipped_state(bundle.composer, models.load_weights(args.composer))
         bundle.trained, bundle.source = True, str(args.composer)
     print(f"composer: {bundle.source}; {args.episodes} held-out episodes x {args.turns} turns, {args.steps} DDIM steps, "
           f"cfg {args.cfg}, icm_scale {args.icm_scale}, {args.ablation}", flush=True)
 
-    generated, truth, seconds = [], [], []
+    generated, truth, episodes, seconds = [], [], [], []
     bar = comfy.utils.ProgressBar(args.episodes * args.turns)
     with torch.inference_mode():
         for e in range(args.episodes):
             ep = multiturn.generate_episode(args.first_seed + e, turns=args.turns)
+            episodes.append(ep)
             reference = torch.from_numpy(ep.background).float()[None] / 255
             images = []
             for k in range(args.turns):
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
             print(f"  episode {e + 1}/{args.episodes}: {np.mean(seconds[-args.turns:]):.2f} s/turn", flush=True)
             generated.append(np.stack(images))
             truth.append(ep.images)
+    if args.strip:
+        save_strip(episodes[:args.strip_episodes], generated, args.strip, args.ablation)
     result = multiturn.evaluate_turns(generated, truth)
     result.update(seconds_per_turn=float(np.median(seconds)), steps=args.steps, cfg=args.cfg, icm_scale=args.icm_scale,
                   ablation=args.ablation, composer=bundle.source, trained=bundle.trained)
@@ -100,6 +107,36 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def save_strip(episodes, generated, path: pathlib.Path, label: str):
+    """Per episode a caption row (each turn's instruction), the ground truth and ours; the first
+    column is the canvas both start from."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    side, caption = 128, 40
+    turns = generated[0].shape[0]
+    rows = len(episodes)
+    img = Image.new("RGB", ((turns + 1) * side + 40, rows * (caption + 2 * side + 8) + 16), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 2), f"rows: ground truth, then ours ({label}); first column: the canvas", fill="black")
+    for r, (ep, gen) in enumerate(zip(episodes, generated)):
+        y = 16 + r * (caption + 2 * side + 8)
+        d.text((4, y + caption + side // 2), "truth", fill="black")
+        d.text((4, y + caption + side + side // 2), "ours", fill="black")
+        for c in range(turns + 1):
+            x = 40 + c * side
+            if c:
+                d.multiline_text((x + 2, y + 2), "\n".join(textwrap.wrap(ep.instructions[c - 1], 21)[:3]), fill="black",
+                                 spacing=1)
+            truth = ep.background if c == 0 else ep.images[c - 1]
+            ours = ep.background if c == 0 else gen[c - 1]
+            img.paste(Image.fromarray(truth), (x, y + caption))
+            img.paste(Image.fromarray(ours), (x, y + caption + side))
+    img.save(path)
+    print(f"strip: {path}")
 
 
 if __name__ == "__main__":

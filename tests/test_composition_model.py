@@ -79,4 +79,12 @@ def test_train_composer_tiny_runs_every_stage(tmp_path, composer_mod):
 
     saved = safetensors.torch.load_file(str(tmp_path / "composer.safetensors"))
     fresh = composer_mod.build_composer(dim=128, seed=0, use_trained=False).state_dict()
-    assert set(saved) == set(fresh) and all(saved[k].shape == fresh[k].shape for k in fresh)
+    # the vocabulary table never trains and is read from the shapes-world CLIP: not in the file
+    assert set(saved) == set(fresh) - set(composer_mod.FROZEN_FROM_CLIP)
+    assert all(saved[k].shape == fresh[k].shape for k in saved)
+    composer = composer_mod.build_composer(dim=128, seed=1, use_trained=False)
+    composer_mod.load_shipped_state(composer, saved)
+    assert all(torch.equal(v, saved[k].to(v.dtype)) for k, v in composer.state_dict().items() if k in saved)
+    with pytest.raises(ValueError, match="do not fit this composer"):
+        composer_mod.load_shipped_state(composer, {k: v for k, v in saved.items() if not k.startswith("fusion.")})
+    assert not any(p is composer.token_embedding.weight for p in composer.backbone_parameters())

@@ -66,7 +66,7 @@ def test_evaluation_command_reports_the_table(tmp_path):
 
     out = tmp_path / "eval.json"
     cmd = [sys.executable, str(comfy_harness.PACK_DIR / "benchmarks" / "eval_composer.py"), "--weights", "untrained",
-           "--episodes", "1", "--turns", "2", "--steps", "1", "--json", str(out)]
+           "--episodes", "1", "--turns", "2", "--steps", "1", "--json", str(out), "--strip", str(tmp_path / "strip.png")]
     proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR)))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,3 +74,7 @@ def test_evaluation_command_reports_the_table(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["per_turn"]["f1"]) == 2 and 0.0 <= result["rsim_last_turn"] <= 1.0
     assert result["seconds_per_turn"] > 0 and result["trained"] is False
+    from PIL import Image
+
+    with Image.open(tmp_path / "strip.png") as strip:  # canvas + 2 turns, truth above ours
+        assert strip.size == (3 * 128 + 40, 16 + 40 + 2 * 128 + 8)

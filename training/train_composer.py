@@ -133,7 +133,7 @@ def main(argv=None):
     ae = ae.to(run.device).eval().requires_grad_(False)
     composer = composer_mod.build_composer(src, dim=args.dim, seed=args.seed, use_trained=args.base == "trained")
     if run.resume_from(composer_mod.COMPOSER_FILE):
-        composer.load_state_dict(models.load_weights(run.out / composer_mod.COMPOSER_FILE), strict=False)
+        composer_mod.load_shipped_state(composer, models.load_weights(run.out / composer_mod.COMPOSER_FILE))
     composer = composer.to(run.device).train()
     schedule = algo.Schedule(algo.scaled_linear_betas(1000))
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.CLIP_TEXT_CFG["context_length"])
@@ -171,7 +171,7 @@ def main(argv=None):
         return torch.optim.AdamW(groups, weight_decay=0.01) if groups else None
 
     def save():
-        run.save(lambda: models.save_weights(composer.state_dict(), run.out / composer_mod.COMPOSER_FILE),
+        run.save(lambda: models.save_weights(composer_mod.shipped_state(composer), run.out / composer_mod.COMPOSER_FILE),
                  run.out / composer_mod.COMPOSER_FILE)
 
     stage_loss = StageLoss(composer, algo, schedule, encode_latents, args)

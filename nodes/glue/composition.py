@@ -150,7 +150,7 @@ def load_composer(weights: str, seed: int = 0) -> ComposerBundle:
         trained = weights == "trained" and path.exists()
         if trained:
             with torch.inference_mode(False):
-                net.load_state_dict(models.load_weights(path), strict=False)
+                composer_mod.load_shipped_state(net, models.load_weights(path))
             source = str(path)
         else:
             source = "UNTRAINED composer (shapes-world encoders and UNet, zero-initialised extras)"

@@ -114,11 +114,14 @@ class Composer(nn.Module):
         self.register_buffer("mean", torch.tensor(models.CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(models.CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
-    # parameter groups: the CLIP backbones get lr * eta (the paper's backbone activity ratio)
+    # parameter groups: the CLIP backbones get lr * eta (the paper's backbone activity ratio). The text
+    # tower's vocabulary table (49408 x 128, of which the shapes world reads a few dozen rows) stays
+    # frozen at the shapes-world CLIP's: at lr * 1e-3 it would barely move, and leaving it out keeps
+    # 12.6 MB of copied table out of the shipped file (see `shipped_state`).
     def backbone_parameters(self, noisy: bool = False) -> list[nn.Parameter]:
         if noisy:
             return list(self.noisy_visual.parameters())
-        return (list(self.visual.parameters()) + [self.token_embedding.weight, self.positional_embedding]
+        return (list(self.visual.parameters()) + [self.positional_embedding]
                 + list(self.text_transformer.parameters()) + list(self.ln_final.parameters()) + [self.text_projection])
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -172,6 +175,26 @@ class Composer(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         """(eps, v) [B, 8, h, w] from ComfyUI's UNetModel: input x_t ++ reference latent, y = c, context."""
         return self.unet(torch.cat([xt, reference_latent], dim=1), timesteps=t, context=context, y=condition)
+
+
+FROZEN_FROM_CLIP = ("token_embedding.weight",)
+
+
+def shipped_state(composer: nn.Module) -> dict[str, torch.Tensor]:
+    """What a composer weights file holds: the state dict without the tensors that never train and are
+    read from the shapes-world CLIP file when the composer is built (`FROZEN_FROM_CLIP`)."""
+    return {k: v for k, v in composer.state_dict().items() if k not in FROZEN_FROM_CLIP}
+
+
+def load_shipped_state(composer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a composer weights file into a built composer: every tensor must fit, and only the
+    `FROZEN_FROM_CLIP` ones may be absent. Raises ValueError saying what does not fit (a file from
+    another composer width or an older layout) instead of half-loading it."""
+    missing, unexpected = composer.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in FROZEN_FROM_CLIP]
+    if missing or unexpected:
+        raise ValueError(f"the composer weights do not fit this composer: {len(missing)} tensors missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
 
 
 def build_composer(bundle_dir: pathlib.Path | str | None = None, dim: int = 128, seed: int = 0,

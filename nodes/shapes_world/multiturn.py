@@ -83,8 +83,22 @@ class Episode:
 
 def generate_episode(seed: int, turns: int = DEFAULT_TURNS, background_style: str | None = None) -> Episode:
     """The episode for a seed: same background every turn, one new object per turn, placed where it
-    does not touch the others, its instruction relative to the nearest object already there."""
-    rng = np.random.default_rng([0x1C1E, int(seed)])
+    does not touch the others, its instruction relative to the nearest object already there.
+
+    A few seeds in ten thousand leave no room for the last objects; they draw again from a derived
+    stream (attempt 1, 2, ...), so every seed has an episode and the seeds that fit keep theirs."""
+    for attempt in range(_ATTEMPTS):
+        key = [0x1C1E, int(seed)] + ([attempt] if attempt else [])
+        episode = _draw_episode(int(seed), turns, background_style, np.random.default_rng(key))
+        if episode is not None:
+            return episode
+    raise RuntimeError(f"seed {seed}: no room for {turns} objects in {_ATTEMPTS} draws (too many turns for the canvas)")
+
+
+_ATTEMPTS = 32
+
+
+def _draw_episode(seed: int, turns: int, background_style: str | None, rng: np.random.Generator) -> Episode | None:
     style = background_style or world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
     background_seed = int(rng.integers(2 ** 31))
     pairs = [(s, c) for s in world.SHAPES for c in world.COLOURS]
@@ -104,7 +118,7 @@ def generate_episode(seed: int, turns: int = DEFAULT_TURNS, background_style: st
             if box is not None:
                 break
         if box is None:
-            raise RuntimeError(f"seed {seed}: no room for object {k + 1}")
+            return None
         new = world.ShapeObject(shape, colour, size, box)
         anchor = None
         if placed:
@@ -119,7 +133,7 @@ def generate_episode(seed: int, turns: int = DEFAULT_TURNS, background_style: st
         e = entity_index(shape, colour)
         objects[k, e] = 1.0
         coords[k, e] = (new.center[0], new.center[1], 0.0)
-    return Episode(int(seed), bg, np.stack(images), texts, objects, coords, placed)
+    return Episode(seed, bg, np.stack(images), texts, objects, coords, placed)
 
 
 # ---------------------------------------------------------------------------------------------
