@@ -370,6 +370,9 @@ def main():
         text = text.replace("](sdg_sweep.jpg)", "](sdg/sdg_sweep.jpg)")
         sections.append(text)
         print(text)
+    composer = save_png.folder / "composer_results.md"
+    if composer.exists():  # benchmarks/eval_composer.py --markdown writes it: a run of its own, too long to repeat here
+        sections.append(composer.read_text())
     header = f"""# Shapes-world results
 
 Written by `python benchmarks/shapes_report.py{' --quick' if args.quick else ''}` on {datetime.date.today()} in

@@ -64,16 +64,25 @@ def test_evaluation_command_reports_the_table(tmp_path):
 
     import comfy_harness
 
-    out = tmp_path / "eval.json"
+    out, md = tmp_path / "eval.json", tmp_path / "composer_results.md"
     cmd = [sys.executable, str(comfy_harness.PACK_DIR / "benchmarks" / "eval_composer.py"), "--weights", "untrained",
-           "--episodes", "1", "--turns", "2", "--steps", "1", "--json", str(out), "--strip", str(tmp_path / "strip.png")]
+           "--episodes", "1", "--turns", "2", "--steps", "1", "--ablation", "none", "teacher-forced",
+           "--json", str(out), "--markdown", str(md), "--strip", str(tmp_path / "strip.png")]
     proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| CDD-ICM (paper) | i-CLEVR | 99.96 | 85.66 |" in proc.stdout and "UNTRAINED" in proc.stdout
-    result = json.loads(out.read_text())
-    assert len(result["per_turn"]["f1"]) == 2 and 0.0 <= result["rsim_last_turn"] <= 1.0
-    assert result["seconds_per_turn"] > 0 and result["trained"] is False
+    results = json.loads(out.read_text())
+    assert set(results) == {"none", "teacher-forced"}
+    for result in results.values():
+        assert len(result["per_turn"]["f1"]) == 2 and 0.0 <= result["rsim_last_turn"] <= 1.0
+        assert result["seconds_per_turn"] > 0 and result["trained"] is False
+    # turn 1 starts from the same canvas with the same seed either way: the same image, the same scores
+    assert results["none"]["per_turn"]["f1"][0] == results["teacher-forced"]["per_turn"]["f1"][0]
+    section = md.read_text()
+    assert section.startswith("## Multi-turn composition (issue 10)")
+    assert "| ground truth through our detector | shapes world | 100.00 | 100.00 |" in section
+    assert "| teacher-forced (ground-truth references), UNTRAINED composer |" in section
     from PIL import Image
 
     with Image.open(tmp_path / "strip.png") as strip:  # canvas + 2 turns, truth above ours
