@@ -81,6 +81,9 @@ class Episode:
         return self.background if turn == 0 else self.images[turn - 1]
 
 
+_ATTEMPTS = 32  # draws per seed before giving up (a crowded seed needs a second draw a few times in 10k)
+
+
 def generate_episode(seed: int, turns: int = DEFAULT_TURNS, background_style: str | None = None) -> Episode:
     """The episode for a seed: same background every turn, one new object per turn, placed where it
     does not touch the others, its instruction relative to the nearest object already there.
@@ -93,9 +96,6 @@ def generate_episode(seed: int, turns: int = DEFAULT_TURNS, background_style: st
         if episode is not None:
             return episode
     raise RuntimeError(f"seed {seed}: no room for {turns} objects in {_ATTEMPTS} draws (too many turns for the canvas)")
-
-
-_ATTEMPTS = 32
 
 
 def _draw_episode(seed: int, turns: int, background_style: str | None, rng: np.random.Generator) -> Episode | None:
