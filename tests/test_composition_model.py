@@ -88,3 +88,21 @@ def test_train_composer_tiny_runs_every_stage(tmp_path, composer_mod):
     with pytest.raises(ValueError, match="do not fit this composer"):
         composer_mod.load_shipped_state(composer, {k: v for k, v in saved.items() if not k.startswith("fusion.")})
     assert not any(p is composer.token_embedding.weight for p in composer.backbone_parameters())
+
+
+def test_composer_encoders_come_from_the_dual_encoder_not_a_text_encoder_beside_it(tmp_path, composer_mod, models):
+    """A weights folder may hold a separately trained text encoder for the UNet's CLIPTextEncode
+    (shapes world v2). The composer's vocabulary table is left out of its file and read at build time,
+    so it must come from the dual encoder it was trained with, whatever text encoder lies beside it."""
+    import safetensors.torch
+
+    for name in (models.CLIP_FILE, models.UNET_FILE, models.VAE_FILE):
+        for path in (models.WEIGHTS_DIR / name, (models.WEIGHTS_DIR / name).with_suffix(".json")):
+            if path.exists():
+                (tmp_path / path.name).symlink_to(path)
+    clip_sd = models.load_weights(models.WEIGHTS_DIR / models.CLIP_FILE)
+    shifted = {k: v.float() + 1.0 for k, v in clip_sd.items() if k.startswith(("token_embedding", "positional_embedding"))}
+    safetensors.torch.save_file(shifted, str(tmp_path / models.TEXT_ENCODER_FILE))
+    composer = composer_mod.build_composer(tmp_path, seed=0)
+    table = composer.state_dict()["token_embedding.weight"]
+    assert torch.equal(table, clip_sd["token_embedding.weight"].to(table.dtype))

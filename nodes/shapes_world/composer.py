@@ -200,12 +200,15 @@ def load_shipped_state(composer: nn.Module, state: dict[str, torch.Tensor]) -> N
 def build_composer(bundle_dir: pathlib.Path | str | None = None, dim: int = 128, seed: int = 0,
                    use_trained: bool = True) -> Composer:
     """A composer started from the shapes-world dual encoder and UNet in `bundle_dir` (the shipped
-    models by default); random seeded weights for any file missing or with use_trained=False."""
+    models by default); random seeded weights for any file missing or with use_trained=False.
+
+    The encoders always start from the dual encoder (`clip.safetensors`), never from a separately
+    trained `text_encoder.safetensors` beside it: the paper builds image and instruction encoders on
+    one CLIP, ICM aligns the two, and the vocabulary table a shipped composer leaves out of its file
+    (`FROZEN_FROM_CLIP`) must be the one it was trained with, whatever text encoder the UNet uses."""
     bundle_dir = pathlib.Path(bundle_dir or models.WEIGHTS_DIR)
     have = models.weights_status(bundle_dir) if use_trained else {"vae": False, "clip": False, "unet": False}
     oc = models.build_open_clip(models.load_weights(bundle_dir / models.CLIP_FILE) if have["clip"] else None, seed=seed + 1)
-    if have["clip"] and (bundle_dir / models.TEXT_ENCODER_FILE).exists():
-        oc.load_state_dict(models.load_weights(bundle_dir / models.TEXT_ENCODER_FILE), strict=False)
     base = models.load_weights(bundle_dir / models.UNET_FILE) if have["unet"] else \
         models.build_base_model(seed=seed + 2).diffusion_model.state_dict()
     unet = build_unet(dim, base, seed=seed + 3)
