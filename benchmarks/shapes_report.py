@@ -19,7 +19,7 @@ import numpy as np
 
 import harness
 import sdg_report
-from measures import diversity, frechet_distance
+from measures import diversity, frechet_distance, paired_difference_interval, wilson_interval
 
 DOCS = harness.ROOT / "docs"
 
@@ -42,8 +42,9 @@ class Sampler:
     def encode(self, text: str):
         return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
 
-    def sample(self, model, prompt: str, seeds: list[int]) -> np.ndarray:
-        """uint8 images (N, 128, 128, 3), one per seed (each its own noise, as separate runs)."""
+    def sample(self, model, prompt: str, seeds: list[int], latents: list | None = None) -> np.ndarray:
+        """uint8 images (N, 128, 128, 3), one per seed (each its own noise, as separate runs);
+        the sampled latents are appended to `latents` when one is given."""
         import torch
 
         positive = self.encode(prompt)
@@ -51,6 +52,8 @@ class Sampler:
         for seed in seeds:
             (out,) = self.env.nodes.common_ksampler(model, seed, self.steps, self.cfg, "euler", "normal", positive,
                                                     self.negative, {"samples": torch.zeros(1, 4, 16, 16)})
+            if latents is not None:
+                latents.append(out["samples"])
             decoded = self.vae.decode(out["samples"])
             images.append((decoded[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8))
         return np.stack(images)
@@ -81,15 +84,54 @@ save_png.folder = DOCS
 # ---------------------------------------------------------------------------------------------
 # Measures
 
-def binding(wanted: list[dict], found) -> dict:
+def binding(wanted: list[dict], found, stated: str | None = None) -> dict:
     """Attribute binding of one image for a prompt: every object with its own colour, and no
-    prompted shape showing another prompted object's colour (colour leaking)."""
-    detector = binding.detector
-    present = detector.prompt_satisfied(wanted, found)
+    prompted shape showing another prompted object's colour (colour leaking); for a two-object
+    prompt with a relation, whether the two found objects stand in it."""
+    detector, world = binding.detector, binding.world
+    chosen = detector.assign(wanted, found)
+    present = chosen is not None
     shapes = all(any(d.shape == w["shape"] for d in found) for w in wanted)
     leak = any(d.shape == w["shape"] and d.colour == other["colour"] and other["colour"] != w["colour"]
                for w in wanted for other in wanted if other is not w for d in found)
-    return {"present": present, "shapes": shapes, "leak": leak, "bound": present and not leak}
+    related = present and (stated is None or len(chosen) != 2
+                           or world.relation_holds(stated, found[chosen[0]].center, found[chosen[1]].center))
+    return {"present": present, "shapes": shapes, "leak": leak, "bound": present and not leak, "relation": related}
+
+
+def map_names_objects(sampler: Sampler, segfree_algo, prompt: str, latent, wanted: list[dict], found,
+                      content_words: bool) -> float | None:
+    """How readable the segmentation map is: of the latent patches in the middle of each prompted
+    object found in the image, the share the map gives to one of that object's own words (its
+    colour, shape or size). None when the detector finds no prompted object."""
+    glue = sampler.glue
+    tokens = sampler.clip.tokenize(prompt)
+    words = glue.prompt_words(sampler.clip.tokenizer, tokens)
+    scores = glue.record_segmentation(sampler.model, sampler.encode(prompt), latent, 0.3, 0.8, 4, 0, "report",
+                                      content_words=content_words)
+    labels = segfree_algo.segmentation_from_scores(scores)[0].numpy()
+    scale = 128 // labels.shape[0]
+    hits, total = 0, 0
+    for w in wanted:
+        own = {w["colour"], w["shape"], w.get("size") or ""}
+        for d in found:
+            if (d.shape, d.colour) != (w["shape"], w["colour"]):
+                continue
+            x0, y0, x1, y1 = d.box
+            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 4, scale / 2), max((y1 - y0) / 4, scale / 2)
+            for py in range(int((cy - hh) // scale), int((cy + hh - 1e-6) // scale) + 1):
+                for px in range(int((cx - hw) // scale), int((cx + hw - 1e-6) // scale) + 1):
+                    label = int(labels[py, px])
+                    hits += label > 0 and words[label - 1] in own
+                    total += 1
+            break
+    return hits / total if total else None
+
+
+def rate_with_interval(values) -> str:
+    """'41.2% [33.0-49.8]': a success rate and its 95% Wilson interval."""
+    low, high = wilson_interval(int(np.sum(values)), len(values))
+    return f"{np.mean(values):.1%} [{low:.0%}-{high:.0%}]" if len(values) else "n/a"
 
 
 def image_features(mc_clip, images: np.ndarray) -> np.ndarray:
@@ -103,64 +145,121 @@ def image_features(mc_clip, images: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The tables
 
-def base_and_segfree(sampler: Sampler, world, detector, prompts: int, seeds: int) -> tuple[str, dict]:
+SEGFREE_METHODS = {"cfg": "CFG", "sfg": "SFG, prompt words", "sfg_content": "SFG, content words"}
+
+
+def base_and_segfree(sampler: Sampler, world, detector, prompts: int, seeds: int, map_prompts: int) -> tuple[str, dict]:
     glue = sampler.glue
-    sfg_model = glue.apply_segfree_guidance(sampler.model, glue.SegfreeSettings(), "report")
-    rows = {"cfg": [], "sfg": []}
-    single = []
-    cfg_examples, sfg_examples = [], []
+    segfree_algo = sampler.env.module("nodes.algorithms.segfree")
+    models = {"cfg": sampler.model,
+              "sfg": glue.apply_segfree_guidance(sampler.model, glue.SegfreeSettings(), "report"),
+              "sfg_content": glue.apply_segfree_guidance(sampler.model, glue.SegfreeSettings(content_words=True), "report")}
+    rows = {label: [] for label in models}
+    single, prompt_of = [], []
+    examples = {label: [] for label in models}
+    readable = {"prompt words": [], "content words": []}
     for p in range(prompts):
         scene = world.generate(10_000 + p, n_objects=2)
-        wanted = world.parse_caption(scene.caption)
+        wanted, stated = world.parse_caption(scene.caption), world.parse_relation(scene.caption)
         seed_list = [100 * p + s for s in range(seeds)]
-        for label, model in (("cfg", sampler.model), ("sfg", sfg_model)):
-            images = sampler.sample(model, scene.caption, seed_list)
-            for img in images:
-                rows[label].append(binding(wanted, detector.detect(img)))
-            (cfg_examples if label == "cfg" else sfg_examples).append(images[0])
+        prompt_of += [p] * seeds
+        for label, model in models.items():
+            latents = []
+            images = sampler.sample(model, scene.caption, seed_list, latents)
+            for i, img in enumerate(images):
+                found = detector.detect(img)
+                rows[label].append(binding(wanted, found, stated))
+                if label == "cfg" and i == 0 and p < map_prompts:  # the map of the plain CFG sample
+                    for candidates in readable:
+                        share = map_names_objects(sampler, segfree_algo, scene.caption, latents[i], wanted, found,
+                                                  candidates == "content words")
+                        if share is not None:
+                            readable[candidates].append(share)
+            examples[label].append(images[0])
         one = world.generate(20_000 + p, n_objects=1)
         for img in sampler.sample(sampler.model, one.caption, seed_list[:max(1, seeds // 2)]):
             single.append(detector.prompt_satisfied(world.parse_caption(one.caption), detector.detect(img)))
 
-    def rate(label, key):
-        return float(np.mean([r[key] for r in rows[label]])) if rows[label] else 0.0
+    keys = ("present", "shapes", "leak", "bound", "relation")
+    outcome = {label: {key: np.array([r[key] for r in rows[label]], float) for key in keys} for label in models}
+    clusters = np.array(prompt_of)
+    stats = {"single_object_success": float(np.mean(single)), "single_object_images": len(single),
+             "two_object_success": float(outcome["cfg"]["relation"].mean()),
+             "two_object_colours_success": float(outcome["cfg"]["present"].mean()),
+             **{f"{label}_{key}": float(outcome[label][key].mean()) for label in models for key in keys},
+             **{f"{label}_{key}_ci": wilson_interval(int(outcome[label][key].sum()), len(outcome[label][key]))
+                for label in models for key in ("bound", "relation")},
+             "images_per_method": len(rows["cfg"]), "prompts": prompts,
+             "map_objects_named": {k: float(np.mean(v)) if v else None for k, v in readable.items()},
+             "map_images": {k: len(v) for k, v in readable.items()}}
+    for label in ("sfg", "sfg_content"):
+        for key in ("bound", "relation"):
+            stats[f"{label}_minus_cfg_{key}"] = paired_difference_interval(outcome["cfg"][key], outcome[label][key], clusters)
+    columns = min(8, prompts)
+    grid_name = save_png(np.concatenate([grid(np.stack(examples[label][:columns]), columns) for label in models]),
+                         "results_segfree_vs_cfg.png")
 
-    two_obj_base = rate("cfg", "present")
-    stats = {"single_object_success": float(np.mean(single)), "two_object_success": two_obj_base,
-             **{f"{label}_{key}": rate(label, key) for label in rows for key in ("present", "shapes", "leak", "bound")},
-             "images_per_method": len(rows["cfg"])}
-    columns = min(8, len(cfg_examples))
-    grid_name = save_png(np.concatenate([grid(np.stack(cfg_examples[:columns]), columns),
-                                         grid(np.stack(sfg_examples[:columns]), columns)]), "results_segfree_vs_cfg.png")
-    better = stats["sfg_bound"] > stats["cfg_bound"]
+    def table_row(name, key, bold=False):
+        cells = [rate_with_interval(outcome[label][key]) for label in models]
+        return f"| {name} | " + " | ".join(f"**{c}**" if bold else c for c in cells) + " |"
+
+    def difference(label, key):
+        d, low, high = stats[f"{label}_minus_cfg_{key}"]
+        verdict = "better" if low > 0 else "worse" if high < 0 else "no difference outside the noise"
+        return f"{d:+.1%} [{low:+.1%}, {high:+.1%}]: {verdict}"
+
+    maps = {k: (f"{v:.1%} ({stats['map_images'][k]} images)" if v is not None else "n/a")
+            for k, v in stats["map_objects_named"].items()}
     text = f"""## Base text-to-image
 
 How often the detector finds the prompted objects with the prompted colours (ComfyUI KSampler, euler,
-{sampler.steps} steps, cfg {sampler.cfg}).
+{sampler.steps} steps, cfg {sampler.cfg}). 95% Wilson intervals in brackets.
 
 | prompts | images | success |
 |---|---|---|
-| one object | {len(single)} | {stats['single_object_success']:.1%} |
-| two objects (both found, each with its colour) | {stats['images_per_method']} | {two_obj_base:.1%} |
+| one object (colour and shape) | {len(single)} | {rate_with_interval(single)} |
+| two objects, each with its colour | {stats['images_per_method']} | {rate_with_interval(outcome['cfg']['present'])} |
+| two objects, each with its colour, in the stated relation | {stats['images_per_method']} | {rate_with_interval(outcome['cfg']['relation'])} |
+
+The relation counts only the stated axis ("to the left of": the first object's centre is left of
+the second's).
 
 ## Segmentation-free vs classifier-free guidance: attribute binding
 
-Two-object prompts, same seeds, sampler and steps; SFG with the paper's defaults (a = 10,
-w̄ = 2, switch at 40%). *Bound*: both objects found, each with its own colour, and no prompted
-shape wearing the other object's colour.
+{prompts} two-object prompts x {seeds} seeds, the same seeds, sampler and steps for every method; SFG
+with the paper's defaults (a = 10, w̄ = 2, switch at 40%), its negative word chosen among every
+prompt word (the node's default) or among content words only (no "a", "the", "of", "to"...).
+*Bound*: both objects found, each with its own colour, and no prompted shape wearing the other
+object's colour. 95% Wilson intervals in brackets.
 
-| measure | CFG | SFG |
+| measure | {' | '.join(SEGFREE_METHODS.values())} |
+|---|---|---|---|
+{table_row('both shapes present', 'shapes')}
+{table_row('both objects with their colours', 'present')}
+{table_row('colour leaking', 'leak')}
+{table_row('bound', 'bound', bold=True)}
+{table_row('with their colours, in the stated relation', 'relation')}
+
+Paired differences against CFG (same prompt and seed), with 95% bootstrap intervals over prompts:
+
+| | bound | in relation |
 |---|---|---|
-| both shapes present | {stats['cfg_shapes']:.1%} | {stats['sfg_shapes']:.1%} |
-| both objects with their colours | {stats['cfg_present']:.1%} | {stats['sfg_present']:.1%} |
-| colour leaking | {stats['cfg_leak']:.1%} | {stats['sfg_leak']:.1%} |
-| **bound** | **{stats['cfg_bound']:.1%}** | **{stats['sfg_bound']:.1%}** |
+| SFG, prompt words | {difference('sfg', 'bound')} | {difference('sfg', 'relation')} |
+| SFG, content words | {difference('sfg_content', 'bound')} | {difference('sfg_content', 'relation')} |
 
 Paper's claim: SFG is preferred to CFG for multi-concept prompts (60% vs 19% in its human study),
-because each concept is sharpened against the others. Direction here: {'**reproduced** (SFG binds better)' if better else '**not reproduced** at this size (SFG does not bind better)'}
-({stats['images_per_method']} images per method).
+because each concept is sharpened against the others.
 
-![top row CFG, bottom row SFG, same seeds]({grid_name})
+**Segmentation map readability** (`MC_SegmentationMap` on the CFG sample of each of the first
+{map_prompts} prompts, 4 probes from 0.3 to 0.8): of the patches in the middle of each prompted
+object the detector finds, the share the map gives to one of that object's own words.
+
+| candidates | patches naming their object |
+|---|---|
+| prompt words | {maps['prompt words']} |
+| content words (the map's default) | {maps['content words']} |
+
+![rows: CFG, SFG with prompt words, SFG with content words; same seeds]({grid_name})
 """
     return text, stats
 
@@ -329,7 +428,8 @@ weight 100). *Found*: the detector finds the prompted shape in the prompted colo
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="trained", choices=["trained", "random (untrained)"])
-    parser.add_argument("--prompts", type=int, default=24, help="two-object prompts for the binding table")
+    parser.add_argument("--prompts", type=int, default=48, help="two-object prompts for the binding table")
+    parser.add_argument("--map-prompts", type=int, default=24, help="prompts whose segmentation map is measured")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--samples", type=int, default=100, help="samples for the semantic measures")
     parser.add_argument("--sdg-samples", type=int, default=30,
@@ -344,17 +444,18 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.seeds, args.samples, args.steps, args.sdg_samples = 2, 2, 4, 4, min(args.sdg_samples, 3)
+        args.map_prompts = 2
         args.edits, args.candidates, args.finetune_steps = 2, 2, 3
 
     save_png.folder = pathlib.Path(args.out).parent
     env = harness.comfy_env()
     world = env.module("nodes.shapes_world.world")
     detector = env.module("nodes.shapes_world.detector")
-    binding.detector = detector
+    binding.detector, binding.world = detector, world
     sampler = Sampler(env, args.weights, args.steps, args.cfg)
     started = time.time()
     sections, stats = [], {}
-    text, stats["segfree"] = base_and_segfree(sampler, world, detector, args.prompts, args.seeds)
+    text, stats["segfree"] = base_and_segfree(sampler, world, detector, args.prompts, args.seeds, args.map_prompts)
     sections.append(text)
     print(text)
     text, stats["blended"] = blended_measures(sampler, env, world, detector, args.edits, args.candidates, args.finetune_steps)

@@ -140,3 +140,38 @@ def test_detector_negative_cases(world, detector):
     assert not detector.prompt_satisfied([{"shape": "triangle", "colour": "red"}], found)
     assert not detector.prompt_satisfied([{"shape": "circle", "colour": "green"}], found)
     assert not detector.prompt_satisfied([{"shape": "triangle", "colour": "green"}] * 2, found)
+
+
+def test_stated_relation_is_read_and_checked_on_its_axis(world):
+    """The benchmark's relation check: the caption's relation is found, holds for the generator's
+    own objects, and its opposite does not; only the stated axis counts."""
+    opposite = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+    seen = set()
+    for seed in range(60):
+        scene = world.generate(world.HELD_OUT_SEED_START + seed, n_objects=2)
+        if len(scene.objects) != 2:
+            continue
+        stated = world.parse_relation(scene.caption)
+        a, b = scene.objects
+        assert stated == world.relation(a, b)
+        assert world.relation_holds(stated, a.center, b.center)
+        assert not world.relation_holds(opposite[stated], a.center, b.center)
+        seen.add(stated)
+    assert seen == set(world.RELATIONS)
+    assert world.parse_relation("a red circle on a striped background") is None
+    # "to the left of" holds even when the vertical gap is the larger one
+    assert world.relation_holds("to the left of", (10, 10), (20, 100))
+    assert not world.relation_holds("above", (10, 50), (20, 40))
+
+
+def test_assign_gives_each_wanted_object_its_own_detection(world, detector):
+    scene = world.generate(world.HELD_OUT_SEED_START + 3, objects=[{"shape": "circle", "colour": "red"},
+                                                                    {"shape": "square", "colour": "blue"}])
+    found = detector.detect(scene.image)
+    wanted = world.parse_caption(scene.caption)
+    chosen = detector.assign(wanted, found)
+    assert chosen is not None and len(set(chosen)) == 2
+    assert [(found[i].shape, found[i].colour) for i in chosen] == [(w["shape"], w["colour"]) for w in wanted]
+    # the same object asked twice, drawn once: one detection cannot serve both
+    assert detector.assign([wanted[0], wanted[0]], found) is None
+    assert detector.prompt_satisfied(wanted, found) and not detector.prompt_satisfied([{"shape": "triangle", "colour": "pink"}], found)

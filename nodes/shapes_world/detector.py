@@ -126,20 +126,26 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def prompt_satisfied(wanted: list[dict], found: list[Detection], check_size: bool = False) -> bool:
-    """Every wanted object (shape, colour, optionally size) is found, each by a different detection."""
-    used = set()
+def assign(wanted: list[dict], found: list[Detection], check_size: bool = False) -> list[int] | None:
+    """For each wanted object (shape, colour, optionally size) in order, the index of a different
+    detection showing it (greedy, first fit); None when one is missing."""
+    used: list[int] = []
     for w in wanted:
         for i, d in enumerate(found):
             if i in used or d.shape != w["shape"] or d.colour != w["colour"]:
                 continue
             if check_size and w.get("size") and d.size != w["size"]:
                 continue
-            used.add(i)
+            used.append(i)
             break
         else:
-            return False
-    return True
+            return None
+    return used
+
+
+def prompt_satisfied(wanted: list[dict], found: list[Detection], check_size: bool = False) -> bool:
+    """Every wanted object (shape, colour, optionally size) is found, each by a different detection."""
+    return assign(wanted, found, check_size) is not None
 
 
 def match(truth: list, found: list[Detection], min_iou: float = 0.5) -> list[tuple[int, int]]:

@@ -211,6 +211,23 @@ def parse_caption(text: str) -> list[dict]:
             for m in _PHRASE.finditer(text.lower())]
 
 
+_RELATION = re.compile(r"\b(" + "|".join(RELATIONS) + r")\b")
+
+
+def parse_relation(text: str) -> str | None:
+    """The first relation a prompt states ("to the left of", "above"...), or None."""
+    found = _RELATION.search(text.lower())
+    return found.group(1) if found else None
+
+
+def relation_holds(stated: str, a_center: tuple[float, float], b_center: tuple[float, float]) -> bool:
+    """Whether "a <stated> b" is true of two centres (x, y; y down). Only the stated axis counts:
+    a reader of "to the left of" asks that a be left of b, not that the horizontal gap be the
+    larger one (which is how `relation` words the generator's own captions)."""
+    (ax, ay), (bx, by) = a_center, b_center
+    return {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by, "below": ay > by}[stated]
+
+
 # ---------------------------------------------------------------------------------------------
 # Scenes
 
