@@ -11,7 +11,7 @@ carry "red circle" against "blue square", the jointly trained ones must, or the 
 high. It starts from the dual encoder's text tower and is saved as text_encoder.safetensors
 (open_clip text-tower keys), which the shapes-world loader then gives to CLIPTextEncode. The
 vocabulary table (49408 x 128, 6.3M of the tower's 7M parameters) stays the dual encoder's and
-out of that file: binding "red" to "circle" is the transformer's work, and the file is 1.6 MB
+out of that file: binding "red" to "circle" is the transformer's work, and the file is 1.2 MB
 instead of 14.
 
 `--dataset` trains on a scene set pre-rendered by `training.make_dataset`, encoded to latents
