@@ -99,32 +99,28 @@ def binding(wanted: list[dict], found, stated: str | None = None) -> dict:
     return {"present": present, "shapes": shapes, "leak": leak, "bound": present and not leak, "relation": related}
 
 
-def map_names_objects(sampler: Sampler, segfree_algo, prompt: str, latent, wanted: list[dict], found,
+def map_names_objects(sampler: Sampler, segfree_algo, positive, words: list[str], latent, wanted: list[dict], found,
                       content_words: bool) -> float | None:
     """How readable the segmentation map is: of the latent patches in the middle of each prompted
     object found in the image, the share the map gives to one of that object's own words (its
-    colour, shape or size). None when the detector finds no prompted object."""
-    glue = sampler.glue
-    tokens = sampler.clip.tokenize(prompt)
-    words = glue.prompt_words(sampler.clip.tokenizer, tokens)
-    scores = glue.record_segmentation(sampler.model, sampler.encode(prompt), latent, 0.3, 0.8, 4, 0, "report",
-                                      content_words=content_words)
+    colour, shape or size). `positive` is the prompt's conditioning, `words` its words in map order.
+    None when the detector finds no prompted object."""
+    scores = sampler.glue.record_segmentation(sampler.model, positive, latent, 0.3, 0.8, 4, 0, "report",
+                                              content_words=content_words)
     labels = segfree_algo.segmentation_from_scores(scores)[0].numpy()
     scale = 128 // labels.shape[0]
     hits, total = 0, 0
     for w in wanted:
         own = {w["colour"], w["shape"], w.get("size") or ""}
-        for d in found:
-            if (d.shape, d.colour) != (w["shape"], w["colour"]):
-                continue
-            x0, y0, x1, y1 = d.box
-            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 4, scale / 2), max((y1 - y0) / 4, scale / 2)
-            for py in range(int((cy - hh) // scale), int((cy + hh - 1e-6) // scale) + 1):
-                for px in range(int((cx - hw) // scale), int((cx + hw - 1e-6) // scale) + 1):
-                    label = int(labels[py, px])
-                    hits += label > 0 and words[label - 1] in own
-                    total += 1
-            break
+        d = next((d for d in found if (d.shape, d.colour) == (w["shape"], w["colour"])), None)
+        if d is None:
+            continue
+        x0, y0, x1, y1 = d.box  # the middle half of the box, at least one patch
+        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 4, scale / 2), max((y1 - y0) / 4, scale / 2)
+        middle = labels[int((cy - hh) // scale):int((cy + hh - 1e-6) // scale) + 1,
+                        int((cx - hw) // scale):int((cx + hw - 1e-6) // scale) + 1]
+        hits += sum(label > 0 and words[label - 1] in own for label in middle.ravel().tolist())
+        total += middle.size
     return hits / total if total else None
 
 
@@ -170,8 +166,10 @@ def base_and_segfree(sampler: Sampler, world, detector, prompts: int, seeds: int
                 found = detector.detect(img)
                 rows[label].append(binding(wanted, found, stated))
                 if label == "cfg" and i == 0 and p < map_prompts:  # the map of the plain CFG sample
+                    words = glue.prompt_words(sampler.clip.tokenizer, sampler.clip.tokenize(scene.caption))
+                    positive = sampler.encode(scene.caption)
                     for candidates in readable:
-                        share = map_names_objects(sampler, segfree_algo, scene.caption, latents[i], wanted, found,
+                        share = map_names_objects(sampler, segfree_algo, positive, words, latents[i], wanted, found,
                                                   candidates == "content words")
                         if share is not None:
                             readable[candidates].append(share)
