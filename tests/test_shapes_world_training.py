@@ -237,3 +237,34 @@ def test_scene_set_latents_are_cached_and_resumed(tmp_path):
     calls.clear()
     scenes.encoded(encode, None, chunk=4, log=lambda *_: None)
     assert calls == [4, 4, 2] and sorted(p.name for p in tmp_path.glob("latents-*")) == ["latents-vaeA", "latents-vaeB"]
+
+
+def test_caption_and_draw_options_by_hand(pack_module):
+    """--colourless drops exactly the colour words (sizes, shapes, relations and backgrounds stay);
+    --object-count-weights reads "count:weight" pairs."""
+    train_unet = training_module("train_unet")
+    colours = pack_module("nodes.shapes_world.world").COLOURS
+    assert train_unet.without_colours("a small red circle to the left of a blue square on a striped background",
+                                      colours) == "a small circle to the left of a square on a striped background"
+    assert train_unet.without_colours("a red circle, a green triangle and a big purple square", colours) == \
+        "a circle, a triangle and a big square"
+    assert train_unet.parse_count_weights("1:1.5, 2:2") == {1: 1.5, 2: 2.0}
+    assert train_unet.parse_count_weights("") == {}
+    with pytest.raises(ValueError, match="object-count-weights"):
+        train_unet.parse_count_weights("2:-1")
+
+
+def test_train_unet_on_a_scene_set_with_count_weights(tmp_path):
+    """The dataset path with both options: a weight of 0 for every count but two leaves only
+    two-object scenes to draw, which the run reports and records."""
+    scenes = tmp_path / "scenes"
+    env = dict(os.environ, MC_COMFYUI=str(comfy_harness.COMFY_DIR))
+    cmd = [sys.executable, "-m", "training.make_dataset", "--n", "24", "--workers", "1", "--out", str(scenes)]
+    proc = subprocess.run(cmd, cwd=comfy_harness.PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    log = run_command("training.train_unet", out, "--dataset", str(scenes), "--train-text-encoder",
+                      "--sample-prompts", "0", "--object-count-weights", "1:0,3:0,4:0", "--colourless", "0.5")
+    assert "[unet] draw share by object count: 1: 0%, 2: 100%, 3: 0%, 4: 0%" in log, log[-2000:]
+    rec = json.loads((out / "unet.json").read_text())
+    assert rec["object_count_weights"] == "1:0,3:0,4:0" and rec["colourless_share"] == 0.5
