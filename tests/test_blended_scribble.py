@@ -10,9 +10,10 @@ The geometry, prompt and sampler settings are read from the shipped workflow's A
     scribble's (nearest palette colour of the detector's foreground pixels), for several scribble
     colours and seeds.
 With a prompt that names no colour ("a circle", or the empty prompt) the v1 demo UNet kept the
-scribble's colour in at least 3 of 4 runs; the v2 UNet, whose jointly trained text tower never
-saw a shape without its colour, keeps it in 1 of 6 (it repaints green as red, red as orange):
-a weakness of the demo model, measured and left for its next training run, not of the blend.
+scribble's colour in at least 3 of 4 runs; the v2 UNet's part 2, whose jointly trained text tower
+had never seen a shape without its colour, in 1 of 6 (it repainted green as red, red as orange).
+Part 3 trained on 10% colourless captions and keeps it in 4 of 6 with "a circle" (blue turns
+purple), still 1 of 6 with the empty prompt: a weakness of the demo model, not of the blend.
 """
 from __future__ import annotations
 
