@@ -106,3 +106,25 @@ def test_composer_encoders_come_from_the_dual_encoder_not_a_text_encoder_beside_
     composer = composer_mod.build_composer(tmp_path, seed=0)
     table = composer.state_dict()["token_embedding.weight"]
     assert torch.equal(table, clip_sd["token_embedding.weight"].to(table.dtype))
+
+
+def test_stage_parameter_groups_learning_rates(composer_mod):
+    """Stages 1-2 train the CLIP backbones at lr * eta; stage 3 trains only the noisy-image encoder,
+    its backbone at lr * noisy_eta; a group at lr 0 (a frozen backbone) is left out."""
+    import importlib
+
+    if str(comfy_harness.PACK_DIR) not in sys.path:  # the training commands run from the pack's folder
+        sys.path.insert(0, str(comfy_harness.PACK_DIR))
+    train_composer = importlib.import_module("training.train_composer")
+    composer = composer_mod.build_composer(dim=32, seed=0, use_trained=False)
+    ids = lambda params: {id(q) for q in params}  # noqa: E731
+    lr, eta = 1e-4, 1e-3
+    by_stage = {s: train_composer.stage_parameter_groups(composer, s, lr, eta, noisy_eta=0.5) for s in (1, 2, 3)}
+    backbone, noisy = ids(composer.backbone_parameters()), ids(composer.backbone_parameters(noisy=True))
+    assert [g["lr"] for g in by_stage[1]] == [lr * eta, lr] and ids(by_stage[1][0]["params"]) == backbone
+    assert [g["lr"] for g in by_stage[2]] == [lr * eta, lr, lr]
+    assert ids(by_stage[2][2]["params"]) == ids(composer.unet.parameters())
+    assert [g["lr"] for g in by_stage[3]] == [lr * 0.5, lr] and ids(by_stage[3][0]["params"]) == noisy
+    assert not noisy & backbone
+    frozen = train_composer.stage_parameter_groups(composer, 3, lr, eta, noisy_eta=0.0)
+    assert [g["lr"] for g in frozen] == [lr] and ids(frozen[0]["params"]) == ids(composer.noisy_head_parameters())

@@ -14,8 +14,9 @@ The paper's validation schedule (every 10 epochs: keep or restore and halve the 
 restores) needs epochs over a fixed set; this command trains for --steps / --minutes on fresh episodes
 instead, and says so in its record.
 
-Ablations of the paper's Table 2: --no-icm (skip stage 1, delta = 0), --eta 0 (frozen CLIP), --eta 1
-(fully trainable), --stage3-share 0 (no N-ICM, hence no ICM guidance).
+Ablations of the paper's Table 2: --no-icm (skip stage 1, delta = 0), --eta 0 --noisy-eta 0 (frozen
+CLIP), --eta 1 (fully trainable), --stage-shares A,B,0 (no N-ICM, hence no ICM guidance). The noisy-image
+encoder's backbone trains at the full lr by default (--noisy-eta 1): at lr * eta its N-ICM stayed at chance.
 
     python -m training.train_composer --minutes 10 --out models/shapes_world
     python -m training.train_composer --tiny --base random --out /tmp/composer   # CI
@@ -43,6 +44,22 @@ def stage_of(step: int, total: int, shares: tuple[float, float, float]) -> int:
         if step < bound:
             return stage
     return 3 if shares[2] > 0 else 2
+
+
+def stage_parameter_groups(composer, stage: int, lr: float, eta: float, noisy_eta: float) -> list[dict]:
+    """What trains in a stage, with its learning rate: the CLIP backbones at lr * eta (the paper's
+    backbone activity ratio), except the noisy-image encoder's in stage 3 at lr * noisy_eta (it
+    learns a new input, noised latents); heads at lr; the UNet in stage 2. Groups at lr 0 are left
+    out (eta = 0: the backbone stays frozen)."""
+    if stage == 3:
+        groups = [{"params": composer.backbone_parameters(noisy=True), "lr": lr * noisy_eta},
+                  {"params": composer.noisy_head_parameters(), "lr": lr}]
+    else:
+        groups = [{"params": composer.backbone_parameters(), "lr": lr * eta},
+                  {"params": composer.head_parameters(), "lr": lr}]
+        if stage == 2:
+            groups.append({"params": list(composer.unet.parameters()), "lr": lr})
+    return [g for g in groups if g["lr"] > 0]
 
 
 class StageLoss(torch.nn.Module):
@@ -160,15 +177,7 @@ def main(argv=None):
         return to(refs), to(targets), tokenizer(texts).to(run.device)
 
     def optimiser(stage: int):
-        if stage == 3:
-            groups = [{"params": composer.backbone_parameters(noisy=True), "lr": args.lr * args.noisy_eta},
-                      {"params": composer.noisy_head_parameters(), "lr": args.lr}]
-        else:
-            groups = [{"params": composer.backbone_parameters(), "lr": args.lr * args.eta},
-                      {"params": composer.head_parameters(), "lr": args.lr}]
-            if stage == 2:
-                groups.append({"params": list(composer.unet.parameters()), "lr": args.lr})
-        groups = [g for g in groups if g["lr"] > 0]  # eta = 0: the backbone stays frozen
+        groups = stage_parameter_groups(composer, stage, args.lr, args.eta, args.noisy_eta)
         trained = {id(p) for g in groups for p in g["params"]}
         for param in composer.parameters():
             param.requires_grad_(id(param) in trained)
