@@ -60,3 +60,17 @@ import utils.install_util  # noqa: E402,F401
 def pytest_report_header(config):
     import comfyui_version
     return [f"ComfyUI {comfyui_version.__version__} from {COMFY_DIR}", f"base directory {BASE_DIR}"]
+
+
+def training_module(name: str):
+    """training/<name>.py, loaded by path as mc_training.<name> (the pack root never goes on sys.path)."""
+    import importlib
+    import importlib.util
+
+    pkg = PACK_DIR / "training"
+    if "mc_training" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mc_training", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        sys.modules["mc_training"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"mc_training.{name}")

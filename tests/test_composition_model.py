@@ -111,11 +111,7 @@ def test_composer_encoders_come_from_the_dual_encoder_not_a_text_encoder_beside_
 def test_stage_parameter_groups_learning_rates(composer_mod):
     """Stages 1-2 train the CLIP backbones at lr * eta; stage 3 trains only the noisy-image encoder,
     its backbone at lr * noisy_eta; a group at lr 0 (a frozen backbone) is left out."""
-    import importlib
-
-    if str(comfy_harness.PACK_DIR) not in sys.path:  # the training commands run from the pack's folder
-        sys.path.insert(0, str(comfy_harness.PACK_DIR))
-    train_composer = importlib.import_module("training.train_composer")
+    train_composer = comfy_harness.training_module("train_composer")
     composer = composer_mod.build_composer(dim=32, seed=0, use_trained=False)
     ids = lambda params: {id(q) for q in params}  # noqa: E731
     lr, eta = 1e-4, 1e-3

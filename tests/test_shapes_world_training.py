@@ -1,7 +1,6 @@
 """Each training command runs end to end for a few steps on a tiny setting (as a user runs it:
 `python -m training.train_X` from the pack root), and leaves weights the loader's builders
 accept, a loss-curve PNG and a JSON record."""
-import importlib
 import json
 import math
 import os
@@ -127,16 +126,7 @@ def test_training_schedule_is_comfyui_sd1(pack_module):
     assert not torch.allclose(ours, torch.linspace(float(ours[0]), float(ours[-1]), 1000), rtol=1e-2)
 
 
-def training_module(name: str):
-    """training/<name>.py, loaded by path as mc_training.<name> (the pack root never goes on sys.path)."""
-    import importlib.util
-    pkg = comfy_harness.PACK_DIR / "training"
-    if "mc_training" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mc_training", pkg / "__init__.py",
-                                                      submodule_search_locations=[str(pkg)])
-        sys.modules["mc_training"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"mc_training.{name}")
+training_module = comfy_harness.training_module
 
 
 def test_loss_curve_drawing(tmp_path):

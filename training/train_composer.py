@@ -216,8 +216,8 @@ def main(argv=None):
     if not run.is_main:
         run.finish()
         return None
-    rec = run.record(composer_mod.COMPOSER_FILE, scale_factor=scale, dim=args.dim, eta=args.eta, noisy_eta=args.noisy_eta, delta=args.delta,
-                     gamma=args.gamma, cond_drop=args.cond_drop, no_icm=args.no_icm, stage_shares=list(shares),
+    rec = run.record(composer_mod.COMPOSER_FILE, scale_factor=scale, dim=args.dim, eta=args.eta,
+                     noisy_eta=args.noisy_eta, delta=args.delta, gamma=args.gamma, cond_drop=args.cond_drop, no_icm=args.no_icm, stage_shares=list(shares),
                      base=args.base, trained_from=have, turns=args.turns,
                      stage_final_loss={s: (float(np.mean(v[-20:])) if v else None) for s, v in stage_losses.items()},
                      schedule="SD1 scaled-linear (the shapes-world UNet's), 1000 steps",
